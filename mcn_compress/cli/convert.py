@@ -1,0 +1,160 @@
+"""`mcn-compress convert MODEL --out PATH`: float model -> MCN checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, err, out, print_json
+from mcn_compress.cli.render import layer_table, summary_table
+from mcn_compress.errors import CheckpointError, ConfigError
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise CheckpointError(f"--out {path} is a directory; give a file name such as model.pt")
+    if not parent.is_dir():
+        raise CheckpointError(f"--out {path}: directory {parent} does not exist")
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[item]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=quiet,
+    )
+
+
+def convert_command(
+    model: Annotated[
+        str,
+        typer.Argument(help="timm name (resnet18), tv:NAME for torchvision, or hf-hub:ID."),
+    ],
+    out_path: OutOpt,
+    planes: Annotated[
+        int, typer.Option("--planes", "-k", help="K: M-Filter planes per layer (1 bit x K).")
+    ] = 4,
+    width: Annotated[
+        str, typer.Option(help="keep: same tensor shapes (drop-in); expand: K-times wider.")
+    ] = "keep",
+    mcn1: Annotated[
+        bool, typer.Option("--mcn1", help="MCNs-1: one scalar per M plane instead of kh x kw.")
+    ] = False,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option("--keep", help="Regex on module names to keep float (repeatable)."),
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Regex on module names: convert only these (repeatable)."),
+    ] = None,
+    grouped: Annotated[
+        bool, typer.Option("--grouped", help="Also convert grouped convs (per-group % K == 0).")
+    ] = False,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="Local float weights (.pt/.pth/.safetensors state dict)."),
+    ] = None,
+    pretrained: Annotated[
+        bool,
+        typer.Option(help="Fetch the published weights (needs network unless cached)."),
+    ] = True,
+    num_classes: Annotated[int | None, typer.Option(help="Classifier outputs.")] = None,
+    in_chans: Annotated[int | None, typer.Option(help="Input channels (timm models).")] = None,
+    calibrate_data: Annotated[
+        Path | None,
+        typer.Option(help="Folder of images to re-estimate BatchNorm statistics on."),
+    ] = None,
+    calibrate_images: Annotated[
+        int, typer.Option(help="How many calibration images to use.", min=1)
+    ] = 256,
+    batch_size: Annotated[int, typer.Option(help="Calibration batch size.", min=1)] = 32,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a float classifier into an MCN and save a checkpoint.
+
+    Every eligible conv becomes an MCConv2d (1-bit filters x learned M-Filter); the stem,
+    the classifier, depthwise and non-divisible convs stay float, each listed with the reason.
+
+    Examples:
+
+      mcn-compress convert resnet18 --out model.pt
+
+      mcn-compress convert tv:resnet18 --weights r18.pth --planes 2 --out r18-k2.pt
+
+      mcn-compress convert resnet50 --no-pretrained --keep 'layer4' --json -o r50.pt
+    """
+    from mcn_compress.checkpoint import save
+    from mcn_compress.config import MCNConfig
+    from mcn_compress.convert import convert
+    from mcn_compress.models import load_float_model
+
+    show = not (quiet or json_output)
+    with cli_errors():
+        config = MCNConfig(
+            planes=planes,
+            width=width,  # type: ignore[arg-type]
+            mcn1=mcn1,
+            include=tuple(only or ()),
+            exclude=tuple(keep or ()),
+            grouped=grouped,
+        )
+        _check_writable(out_path)
+        if calibrate_data is not None and not calibrate_data.is_dir():
+            raise ConfigError(f"--calibrate-data {calibrate_data} is not a directory")
+        with err.status(f"Loading {model}", spinner="dots") if show else _null():
+            float_model = load_float_model(
+                model,
+                pretrained=pretrained,
+                weights=weights,
+                num_classes=num_classes,
+                in_chans=in_chans,
+            ).eval()
+        calibration = None
+        if calibrate_data is not None:
+            from mcn_compress.data import calibration_loader
+
+            try:
+                calibration = calibration_loader(
+                    calibrate_data, float_model, calibrate_images, batch_size
+                )
+            except FileNotFoundError as exc:
+                raise ConfigError(str(exc)) from exc
+        with _progress(not show) as bar:
+            task = bar.add_task("Converting", total=None, item="")
+
+            def on_layer(name: str, index: int, total: int) -> None:
+                bar.update(task, completed=index, total=total, item=name)
+
+            mcn = convert(float_model, config, progress=on_layer)
+            if calibration is not None:
+                from mcn_compress.calibrate import recalibrate_batchnorm
+
+                n = len(calibration.dataset)  # type: ignore[arg-type]
+                cal = bar.add_task("Calibrating BN", total=n, item="images")
+                recalibrate_batchnorm(mcn, calibration, progress=lambda k: bar.advance(cal, k))
+        save(mcn, out_path)
+        summary = mcn.mcn_summary
+    if json_output:
+        print_json({"model": model, "out": str(out_path), **summary.to_dict()})
+    elif show:
+        out.print(layer_table(summary))
+        out.print(summary_table(summary, title=f"{model} -> {out_path}"))
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None

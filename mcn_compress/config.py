@@ -1,0 +1,89 @@
+"""`MCNConfig`: how a float model is turned into an MCN (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from mcn_compress.errors import ConfigError
+
+Width = Literal["keep", "expand"]
+WIDTHS: tuple[str, ...] = ("keep", "expand")
+
+
+@dataclass(frozen=True)
+class MCNConfig:
+    """Settings of the conversion pass.
+
+    Args:
+        planes: K, the number of M-Filter planes (DESIGN.md section 2). Every converted conv
+            needs input and output channel counts divisible by K.
+        width: ``"keep"`` (tensor shapes unchanged, 1/(32K) of the conv bits) or ``"expand"``
+            (the paper's widened network; not implemented yet).
+        mcn1: MCNs-1 variant: each M plane is one scalar instead of a kh x kw matrix.
+        clip: straight-through estimator clip; the sign's gradient passes where |C| <= clip.
+        include: regular expressions on module names; when given, only matching convs convert.
+        exclude: regular expressions on module names; matching convs stay float.
+        grouped: also convert grouped convs whose per-group channel counts are divisible by K
+            (depthwise convs never qualify for K > 1).
+        init_iters: alternations of the least-squares sign / M-Filter fit at initialisation.
+
+    Example:
+        >>> cfg = MCNConfig(planes=4, exclude=(r"layer4",))
+    """
+
+    planes: int = 4
+    width: Width = "keep"
+    mcn1: bool = False
+    clip: float = 1.0
+    include: tuple[str, ...] = field(default_factory=tuple)
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    grouped: bool = False
+    init_iters: int = 10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.planes, bool) or not isinstance(self.planes, int) or self.planes < 1:
+            raise ConfigError(f"planes (K) must be a positive integer, got {self.planes!r}")
+        if self.width not in WIDTHS:
+            raise ConfigError(f"width must be one of {', '.join(WIDTHS)}, got {self.width!r}")
+        if self.width == "expand":
+            raise ConfigError(
+                "width 'expand' is not implemented yet; use width 'keep' (the default)"
+            )
+        if not self.clip > 0:
+            raise ConfigError(f"clip must be positive, got {self.clip!r}")
+        if isinstance(self.init_iters, bool) or not isinstance(self.init_iters, int):
+            raise ConfigError(f"init_iters must be an integer, got {self.init_iters!r}")
+        if self.init_iters < 1:
+            raise ConfigError(f"init_iters must be at least 1, got {self.init_iters}")
+        for name in ("include", "exclude"):
+            patterns = tuple(getattr(self, name))
+            object.__setattr__(self, name, patterns)
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"{name} pattern {pattern!r} is not a valid regex: {exc}"
+                    ) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-container form, safe for `torch.save` with `weights_only` loading."""
+        data = asdict(self)
+        data["include"] = list(self.include)
+        data["exclude"] = list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MCNConfig:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown MCN config keys: {', '.join(unknown)}")
+        values = dict(data)
+        for name in ("include", "exclude"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)

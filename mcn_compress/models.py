@@ -1,0 +1,216 @@
+"""Load a float classifier by name: timm names, ``tv:NAME`` for torchvision, ``hf-hub:`` ids.
+
+Every model this module builds carries ``mcn_source`` (`ModelSource`), the recipe for
+rebuilding its architecture that checkpoints store (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcn_compress.errors import ModelLoadError
+
+_logger = logging.getLogger(__name__)
+
+TV_PREFIX = "tv:"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to rebuild a float architecture: library, name and constructor kwargs."""
+
+    library: str  # "timm" or "torchvision"
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # where the float weights came from (informational)
+
+    @property
+    def display_name(self) -> str:
+        return f"{TV_PREFIX}{self.name}" if self.library == "torchvision" else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "library": self.library,
+            "name": self.name,
+            "kwargs": dict(self.kwargs),
+            "weights": self.weights,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSource:
+        try:
+            return cls(
+                library=str(data["library"]),
+                name=str(data["name"]),
+                kwargs=dict(data.get("kwargs") or {}),
+                weights=data.get("weights"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ModelLoadError(f"invalid model source record: {exc}") from exc
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def suggest_names(name: str, limit: int = 5) -> list[str]:
+    """Close matches for an unknown name among timm and torchvision (``tv:``) classifiers."""
+    import timm
+
+    bare = name.removeprefix(TV_PREFIX).lower()
+    candidates = {n: n for n in timm.list_models()}
+    candidates.update({n: TV_PREFIX + n for n in _torchvision_names()})
+    matches = difflib.get_close_matches(bare, list(candidates), n=limit, cutoff=0.6)
+    return [candidates[m] for m in matches]
+
+
+def resolve_source(
+    name: str, num_classes: int | None = None, in_chans: int | None = None
+) -> ModelSource:
+    """Check ``name`` exists and return its `ModelSource` (no weights are built)."""
+    import timm
+
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if name.startswith(TV_PREFIX):
+        bare = name[len(TV_PREFIX) :]
+        if bare not in _torchvision_names():
+            raise ModelLoadError(_unknown_message(name))
+        if in_chans not in (None, 3):
+            raise ModelLoadError("--in-chans is only supported for timm models, not torchvision")
+        return ModelSource("torchvision", bare, kwargs)
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    if name.startswith(("hf-hub:", "hf_hub:")) or timm.is_model(name):
+        return ModelSource("timm", name, kwargs)
+    raise ModelLoadError(_unknown_message(name))
+
+
+def _unknown_message(name: str) -> str:
+    close = suggest_names(name)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
+    return f"unknown model {name!r} (timm name, tv:NAME or hf-hub:ID){hint}"
+
+
+def build_model(source: ModelSource, pretrained: bool = False) -> nn.Module:
+    """Instantiate ``source``; with ``pretrained`` fetch its published weights (needs network)."""
+    try:
+        if source.library == "torchvision":
+            import torchvision
+
+            weights = "DEFAULT" if pretrained else None
+            model = torchvision.models.get_model(source.name, weights=weights, **source.kwargs)
+        elif source.library == "timm":
+            import timm
+
+            model = timm.create_model(source.name, pretrained=pretrained, **source.kwargs)
+        else:
+            raise ModelLoadError(f"unknown model library {source.library!r}")
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        if pretrained:
+            raise ModelLoadError(
+                f"could not fetch pretrained weights for {source.display_name} "
+                f"({type(exc).__name__}); offline? pass --weights FILE or --no-pretrained"
+            ) from exc
+        raise ModelLoadError(f"could not build {source.display_name}: {exc}") from exc
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .pt/.pth/.bin (weights_only) or .safetensors, unwrapping
+    common containers (``state_dict``, ``model``, ``state_dict_ema``) and ``module.`` prefixes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot read weights file {path}: {type(exc).__name__} (a state dict in "
+            f".pt/.pth/.safetensors is expected; pickled code is refused)"
+        ) from exc
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ModelLoadError(f"weights file {path} does not hold a state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in data.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path, model_name: str = "model") -> None:
+    """Load a state-dict file into ``model``; a message lists whatever does not fit."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise ModelLoadError(
+            f"weights file {path} does not fit {model_name}: {'; '.join(parts)}; "
+            "check the model name, --num-classes and --in-chans"
+        )
+    model.load_state_dict(state)
+
+
+def load_float_model(
+    name: str,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+) -> nn.Module:
+    """Build the float model ``name`` with pretrained or local weights, ready to convert.
+
+    With ``weights`` the architecture is built without downloads and the file is loaded
+    (``pretrained`` is then ignored). Never falls back to random weights silently: when the
+    published weights cannot be fetched this raises `ModelLoadError`.
+
+    Example:
+        >>> model = load_float_model("resnet18", pretrained=False)
+        >>> model.mcn_source.name
+        'resnet18'
+    """
+    source = resolve_source(name, num_classes=num_classes, in_chans=in_chans)
+    if weights is not None:
+        model = build_model(source, pretrained=False)
+        load_weights(model, weights, source.display_name)
+        origin: str | None = str(weights)
+    else:
+        model = build_model(source, pretrained=pretrained)
+        origin = "pretrained" if pretrained else None
+    if not pretrained and weights is None:
+        _logger.warning("%s has random weights (--no-pretrained)", source.display_name)
+    model.mcn_source = ModelSource(source.library, source.name, source.kwargs, origin)  # type: ignore[assignment]
+    return model

@@ -1,0 +1,18 @@
+"""Shared test set-up: never touch the network, small deterministic inputs."""
+
+from __future__ import annotations
+
+import os
+
+# Offline: hub look-ups must fail at once instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
