@@ -211,6 +211,6 @@ def load_float_model(
         model = build_model(source, pretrained=pretrained)
         origin = "pretrained" if pretrained else None
     if not pretrained and weights is None:
-        _logger.warning("%s has random weights (--no-pretrained)", source.display_name)
+        _logger.info("%s has random weights (--no-pretrained)", source.display_name)
     model.mcn_source = ModelSource(source.library, source.name, source.kwargs, origin)  # type: ignore[assignment]
     return model
