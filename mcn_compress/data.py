@@ -1,22 +1,75 @@
-"""Input data: unlabeled image folders for BatchNorm calibration.
+"""Input data: calibration images (unlabeled) and the labeled datasets of fine-tuning.
 
-Images are read with PIL and transformed with the model's own eval preprocessing
-(timm's `resolve_data_config` + `create_transform`), so calibration sees what the model sees.
+Calibration: unlabeled image folders, read with PIL and transformed with the model's own eval
+preprocessing (timm's `resolve_data_config` + `create_transform`), so BatchNorm recalibration
+sees what the model sees.
+
+Fine-tuning (`build_datasets`, DESIGN.md sections 3 and 5): ImageFolder trees with timm's
+train / eval transforms; CIFAR-10/100 in torchvision's layout; Fashion-MNIST from its four IDX
+files (Debian's ``dataset-fashion-mnist`` folder or torchvision's layout, parsed by `read_idx`);
+a seeded synthetic set for smoke runs. Nothing is ever downloaded: missing data raises one
+`DataError` that says where it looked and how to get the data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gzip
+import hashlib
+import logging
+import math
+import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mcn_compress.errors import DataError
+
+if TYPE_CHECKING:
+    from mcn_compress.recipe import DataRecipe
+
+_logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
+#: where Debian's ``dataset-fashion-mnist`` package installs the four IDX files
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "val_images": "t10k-images-idx3-ubyte",
+    "val_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}
+KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
+SYNTHETIC_DEFAULT_SIZES = (1024, 256)
 
+# IDX type codes (http://yann.lecun.com/exdb/mnist/): code -> big-endian numpy dtype
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+Sample = tuple[torch.Tensor, int]
+
+
+# ------------------------------------------------------------------------------------------
+# calibration images (unlabeled)
+# ------------------------------------------------------------------------------------------
 def find_images(root: str | Path, limit: int | None = None) -> list[Path]:
     """Image files under ``root`` (recursively, sorted), at most ``limit``."""
     root = Path(root)
@@ -58,14 +111,439 @@ def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
     return create_transform(**config, is_training=False)
 
 
+def model_in_chans(model: nn.Module) -> int:
+    """Input channels of ``model``: its first conv's, else timm's ``input_size``, else 3."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None:
+        return int(first.in_channels)
+    return int(getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0])
+
+
 def calibration_loader(
     root: str | Path, model: nn.Module, max_images: int = 256, batch_size: int = 32
 ) -> DataLoader[torch.Tensor]:
     """Batches of up to ``max_images`` unlabeled images from ``root`` for BN recalibration."""
     files = find_images(root, limit=max_images)
-    in_chans = int(getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0])
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None:
-        in_chans = first.in_channels
-    dataset = UnlabeledImages(files, eval_transform(model), "L" if in_chans == 1 else "RGB")
+    mode = "L" if model_in_chans(model) == 1 else "RGB"
+    dataset = UnlabeledImages(files, eval_transform(model), mode)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+# ------------------------------------------------------------------------------------------
+# IDX files (MNIST / Fashion-MNIST)
+# ------------------------------------------------------------------------------------------
+def read_idx(path: str | Path) -> torch.Tensor:
+    """Parse an IDX file (gzip-compressed or not) into a tensor.
+
+    Header: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
+    0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a big-endian
+    uint32; the data follows, big-endian, row-major.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"{path}: IDX header is truncated or has no dimensions")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = math.prod(dims) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: IDX data has {len(raw) - header} bytes, its header {list(dims)} "
+            f"({dtype.name}) needs {expected}"
+        )
+    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
+    """The four Fashion-MNIST IDX files (``.gz`` or not) under ``root``.
+
+    Looks in ``root`` itself (Debian's flat folder; ``root`` defaults to
+    `DEBIAN_FASHION_MNIST`) and in torchvision's ``root/FashionMNIST/raw``.
+    """
+    base = Path(root).expanduser() if root is not None else DEBIAN_FASHION_MNIST
+    candidates = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist"]
+    for folder in candidates:
+        found: dict[str, Path] = {}
+        for key, stem in FASHION_MNIST_FILES.items():
+            for name in (f"{stem}.gz", stem):
+                if (folder / name).is_file():
+                    found[key] = folder / name
+                    break
+        if len(found) == len(FASHION_MNIST_FILES):
+            return found
+    looked = ", ".join(str(c) for c in candidates)
+    raise DataError(
+        f"Fashion-MNIST not found: looked for {', '.join(FASHION_MNIST_FILES.values())} "
+        f"(.gz or not) in {looked}. Install Debian's copy with "
+        f"`apt-get install -y dataset-fashion-mnist` (files in {DEBIAN_FASHION_MNIST}), or "
+        "set data.root to a folder holding the four IDX files"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# datasets
+# ------------------------------------------------------------------------------------------
+class ArrayImages(Dataset[Sample]):
+    """Images held in memory as a uint8 tensor ``(N, H, W)`` or ``(N, H, W, C)`` with labels;
+    each item is ``(transform(PIL image), label)``.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        transform: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> Sample:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index].numpy())
+        data = self.transform(image) if self.transform is not None else image
+        return data, int(self.labels[index])
+
+
+def load_fashion_mnist(
+    root: str | Path | None,
+    train: bool,
+    transform: Callable[[Any], torch.Tensor] | None = None,
+) -> ArrayImages:
+    """The Fashion-MNIST train (60k) or test (10k) split from its IDX files (`read_idx`)."""
+    files = find_fashion_mnist(root)
+    prefix = "train" if train else "val"
+    images = read_idx(files[f"{prefix}_images"])
+    labels = read_idx(files[f"{prefix}_labels"])
+    if images.ndim != 3 or labels.ndim != 1 or images.dtype != torch.uint8:
+        raise DataError(
+            f"{files[f'{prefix}_images']}: expected uint8 images (N, H, W) and labels (N,), got "
+            f"{tuple(images.shape)} {images.dtype} and {tuple(labels.shape)}"
+        )
+    if labels.numel() and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{files[f'{prefix}_labels']}: label {int(labels.max())} out of range")
+    return ArrayImages(images, labels, FASHION_MNIST_CLASSES, transform)
+
+
+class SyntheticImages(Dataset[Sample]):
+    """Seeded random images with a learnable class-dependent signal, for smoke runs.
+
+    Class ``k`` has a smooth pattern ``P_k`` (a random 4x4 map per channel, upsampled);
+    sample ``i`` is ``signal * P_{y_i} + noise * N(0, 1)`` with ``y_i`` drawn uniformly. Item
+    ``i`` depends only on ``(seed, split, i)``, so any worker order gives the same data. The
+    patterns depend only on ``seed``: train and val share them.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        image_size: int = 32,
+        seed: int = 0,
+        split: str = "train",
+        signal: float = 1.0,
+        noise: float = 1.0,
+    ) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.classes = [f"class_{k}" for k in range(num_classes)]
+        self.shape = (in_chans, image_size, image_size)
+        self.seed = seed
+        self.split = split
+        self.signal = signal
+        self.noise = noise
+        gen = torch.Generator().manual_seed(seed)
+        low = torch.randn(num_classes, in_chans, 4, 4, generator=gen)
+        self.patterns = F.interpolate(
+            low, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        # the CPU generator keeps only 32 bits of its seed: hash (seed, split, index) into them
+        key = hashlib.blake2b(f"{self.seed}:{self.split}:{index}".encode(), digest_size=4)
+        gen = torch.Generator().manual_seed(int.from_bytes(key.digest(), "big"))
+        label = int(torch.randint(self.num_classes, (1,), generator=gen))
+        image = self.signal * self.patterns[label] + self.noise * torch.randn(
+            self.shape, generator=gen
+        )
+        return image, label
+
+
+class LabeledSubset(Subset[Sample]):
+    """`torch.utils.data.Subset` that keeps the dataset's ``classes``."""
+
+    @property
+    def classes(self) -> list[str]:
+        return dataset_classes(self.dataset)
+
+
+def dataset_classes(dataset: Dataset[Any]) -> list[str]:
+    """Class names of a dataset built here (or any dataset with a ``classes`` list)."""
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        raise DataError(f"{type(dataset).__name__} does not list its classes")
+    return list(classes)
+
+
+def cap_dataset(dataset: Dataset[Sample], limit: int | None, seed: int = 0) -> Dataset[Sample]:
+    """A deterministic random subset of ``limit`` samples (indices sorted); all if None."""
+    size = len(dataset)  # type: ignore[arg-type]
+    if limit is None or limit >= size:
+        return dataset
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(size, generator=gen)[:limit].sort().values.tolist()
+    return LabeledSubset(dataset, indices)
+
+
+def model_num_classes(model: nn.Module) -> int | None:
+    """Output classes of ``model``: timm's ``num_classes``, else the last Linear's outputs."""
+    value = getattr(model, "num_classes", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def default_num_classes(data_cfg: DataRecipe) -> int | None:
+    """Classes of the configured dataset without loading it (None when it cannot tell)."""
+    if data_cfg.dataset in KNOWN_CLASSES:
+        return KNOWN_CLASSES[data_cfg.dataset]
+    if data_cfg.dataset == "imagefolder" and data_cfg.root:
+        train = Path(data_cfg.root).expanduser() / "train"
+        if train.is_dir():
+            return sum(1 for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# transforms
+# ------------------------------------------------------------------------------------------
+class ToMode:
+    """Convert a PIL image to mode ``"L"`` or ``"RGB"`` (picklable, for loader workers)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image: Any) -> Any:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ToMode({self.mode!r})"
+
+
+def _image_mode(in_chans: int) -> str:
+    if in_chans not in (1, 3):
+        raise DataError(f"the model takes {in_chans} input channels; image data has 1 or 3")
+    return "L" if in_chans == 1 else "RGB"
+
+
+def _normalization(model: nn.Module, in_chans: int) -> tuple[tuple[float, ...], ...]:
+    """The model's mean / std (timm config, ImageNet by default), fitted to ``in_chans``."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    stats = []
+    for values in (tuple(config["mean"]), tuple(config["std"])):
+        if len(values) != in_chans:
+            values = (float(np.mean(values)),) * in_chans
+        stats.append(values)
+    return stats[0], stats[1]
+
+
+def small_image_transform(
+    native: int,
+    size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+) -> Callable[[Any], torch.Tensor]:
+    """CIFAR-style pipeline: resize to ``size`` if needed; for training a padded random crop
+    (padding ``size // 8``) and a horizontal flip; then tensor and normalisation.
+    """
+    from torchvision import transforms as T
+
+    ops: list[Callable[[Any], Any]] = [ToMode(_image_mode(in_chans))]
+    if size != native:
+        ops.append(T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR))
+    if train:
+        ops += [T.RandomCrop(size, padding=max(1, size // 8)), T.RandomHorizontalFlip()]
+    ops += [T.ToTensor(), T.Normalize(list(mean), list(std))]
+    return T.Compose(ops)
+
+
+def imagefolder_transforms(
+    model: nn.Module, image_size: int | None, in_chans: int
+) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor]]:
+    """timm's train and eval transforms for ``model`` (`resolve_data_config`), at ``image_size``
+    when given, with the normalisation fitted to ``in_chans``.
+    """
+    from timm.data import create_transform, resolve_data_config
+    from torchvision import transforms as T
+
+    args: dict[str, Any] = {}
+    if image_size is not None:
+        args["input_size"] = (in_chans, image_size, image_size)
+    config = resolve_data_config(args, model=model)
+    config["input_size"] = (in_chans, *tuple(config["input_size"])[1:])
+    config["mean"], config["std"] = _normalization(model, in_chans)
+    mode = ToMode(_image_mode(in_chans))
+    train = T.Compose([mode, create_transform(**config, is_training=True)])
+    val = T.Compose([mode, create_transform(**config, is_training=False)])
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------
+# build_datasets
+# ------------------------------------------------------------------------------------------
+def _imagefolder(
+    data_cfg: DataRecipe, model: nn.Module, in_chans: int
+) -> tuple[Dataset[Sample], Dataset[Sample]]:
+    from torchvision.datasets import ImageFolder
+
+    root = Path(str(data_cfg.root)).expanduser()
+    missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
+    if missing:
+        raise DataError(
+            f"image folder data not found: {', '.join(missing)} missing. Expected "
+            f"{root}/train/<class>/<image> and {root}/val/<class>/<image> (for ImageNet, sort the "
+            "validation images into class folders first, e.g. with the usual valprep.sh)"
+        )
+    train_tf, val_tf = imagefolder_transforms(model, data_cfg.image_size, in_chans)
+    try:
+        train = ImageFolder(str(root / "train"), transform=train_tf)
+        val = ImageFolder(str(root / "val"), transform=val_tf)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"image folder data under {root} is unusable: {exc}") from exc
+    if train.classes != val.classes:
+        extra = sorted(set(train.classes) ^ set(val.classes))[:5]
+        raise DataError(
+            f"{root}/train and {root}/val have different class folders (e.g. {', '.join(extra)})"
+        )
+    return train, val
+
+
+def _cifar(
+    data_cfg: DataRecipe, model: nn.Module, in_chans: int
+) -> tuple[Dataset[Sample], Dataset[Sample]]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if data_cfg.dataset == "cifar100" else CIFAR10
+    label = "CIFAR-100" if cls is CIFAR100 else "CIFAR-10"
+    archive = "cifar-100-python.tar.gz" if cls is CIFAR100 else "cifar-10-python.tar.gz"
+    root = Path(str(data_cfg.root)).expanduser()
+    if root.name == cls.base_folder:  # the user pointed at the extracted folder itself
+        root = root.parent
+    size = data_cfg.image_size or NATIVE_SIZE[data_cfg.dataset]
+    mean, std = _normalization(model, in_chans)
+    native = NATIVE_SIZE[data_cfg.dataset]
+    try:
+        train = cls(
+            str(root),
+            train=True,
+            download=False,
+            transform=small_image_transform(native, size, in_chans, mean, std, train=True),
+        )
+        val = cls(
+            str(root),
+            train=False,
+            download=False,
+            transform=small_image_transform(native, size, in_chans, mean, std, train=False),
+        )
+    except RuntimeError as exc:
+        raise DataError(
+            f"{label} not found or corrupt: looked for {root / cls.base_folder} (torchvision "
+            f"layout). Download https://www.cs.toronto.edu/~kriz/{archive} and extract it into "
+            f"{root}, or run torchvision.datasets.{cls.__name__}('{root}', download=True) on a "
+            "machine with internet access"
+        ) from exc
+    return train, val
+
+
+def _fashion_mnist(
+    data_cfg: DataRecipe, model: nn.Module, in_chans: int
+) -> tuple[Dataset[Sample], Dataset[Sample]]:
+    size = data_cfg.image_size or NATIVE_SIZE["fashion_mnist"]
+    mean, std = _normalization(model, in_chans)
+    native = NATIVE_SIZE["fashion_mnist"]
+    train_tf = small_image_transform(native, size, in_chans, mean, std, train=True)
+    val_tf = small_image_transform(native, size, in_chans, mean, std, train=False)
+    return (
+        load_fashion_mnist(data_cfg.root, train=True, transform=train_tf),
+        load_fashion_mnist(data_cfg.root, train=False, transform=val_tf),
+    )
+
+
+def _synthetic(
+    data_cfg: DataRecipe, model: nn.Module, in_chans: int, seed: int
+) -> tuple[Dataset[Sample], Dataset[Sample]]:
+    classes = model_num_classes(model) or 10
+    size = data_cfg.image_size or NATIVE_SIZE["synthetic"]
+    n_train = data_cfg.train_samples or SYNTHETIC_DEFAULT_SIZES[0]
+    n_val = data_cfg.val_samples or SYNTHETIC_DEFAULT_SIZES[1]
+    return (
+        SyntheticImages(n_train, classes, in_chans, size, seed=seed, split="train"),
+        SyntheticImages(n_val, classes, in_chans, size, seed=seed, split="val"),
+    )
+
+
+def build_datasets(
+    data_cfg: DataRecipe, model: nn.Module, *, seed: int = 0
+) -> tuple[Dataset[Sample], Dataset[Sample]]:
+    """The train and validation datasets of ``data_cfg`` (the recipe's ``data`` section).
+
+    Items are ``(image tensor (C, H, W), class index)``, with C the model's input channels
+    (gray images are replicated for RGB models and RGB converted for gray ones) and the
+    model's normalisation. ``train_samples`` / ``val_samples`` cap each split to a
+    deterministic random subset (seeded by ``seed``); for ``synthetic`` they are its sizes
+    (default 1024 / 256) and the model's classifier gives the number of classes.
+    Missing data raises `DataError`.
+    """
+    in_chans = model_in_chans(model)
+    if data_cfg.dataset == "synthetic":
+        return _synthetic(data_cfg, model, in_chans, seed)
+    builders = {
+        "imagefolder": _imagefolder,
+        "cifar10": _cifar,
+        "cifar100": _cifar,
+        "fashion_mnist": _fashion_mnist,
+    }
+    if data_cfg.dataset not in builders:
+        raise DataError(f"unknown dataset {data_cfg.dataset!r}")
+    train, val = builders[data_cfg.dataset](data_cfg, model, in_chans)
+    train = cap_dataset(train, data_cfg.train_samples, seed=seed)
+    val = cap_dataset(val, data_cfg.val_samples, seed=seed + 1)
+    _logger.info(
+        "%s: %d training and %d validation samples",
+        data_cfg.dataset,
+        len(train),  # type: ignore[arg-type]
+        len(val),  # type: ignore[arg-type]
+    )
+    return train, val

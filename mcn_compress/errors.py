@@ -21,3 +21,7 @@ class ConversionError(MCNError):
 
 class CheckpointError(MCNError):
     """A checkpoint file is missing, foreign, truncated, corrupt or unsafe."""
+
+
+class DataError(MCNError):
+    """Training or evaluation data is missing, in an unknown layout, or malformed."""
