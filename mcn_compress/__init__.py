@@ -10,6 +10,7 @@ from mcn_compress.errors import (
     MCNError,
     ModelLoadError,
 )
+from mcn_compress.export import export_packed
 from mcn_compress.models import load_float_model
 from mcn_compress.nn import MCConv2d
 from mcn_compress.summary import ConversionSummary, LayerRecord
@@ -28,6 +29,7 @@ __all__ = [
     "ModelLoadError",
     "__version__",
     "convert",
+    "export_packed",
     "load",
     "load_float_model",
     "plan_conversion",

@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -155,7 +154,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} was refused: it holds pickled objects other than tensors and plain "
             "containers, which mcn-compress never loads"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:
         raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise CheckpointError(
@@ -199,6 +198,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
 
     Only tensors and plain containers are read (``torch.load(weights_only=True)``); files that
     are not ours, truncated, corrupt or carrying pickled code raise `CheckpointError`.
+    Packed files (`mcn_compress.export`, recognised by content) load with `load_packed`.
     """
+    from mcn_compress.export import load_packed, looks_packed
+
+    if looks_packed(path):
+        return load_packed(path)
     data = read_checkpoint(path, map_location=map_location)
     return model_from_checkpoint(data, origin=str(path))

@@ -1,0 +1,361 @@
+"""The packed 1-bit file (``model.mcn``): what DESIGN.md section 2 says is kept after training.
+
+Stored: the sign bits B of every `MCConv2d` packed 8 per byte, and every other state-dict entry
+(M-Filters, biases, float layers, BatchNorm parameters and buffers) at its own dtype, or float16
+with ``float16=True``; integer buffers always keep their dtype. The latent filters C are not
+stored: loading sets each latent ``weight`` to the ±1 signs, so ``sign(C) = B`` and every
+reconstructed filter Q, hence every eval-mode output, is bit-identical to the source model's.
+
+Layout (format ``mcn-compress.packed``, version 1): a safetensors file (no pickle) holding one
+flat tensor ("blob") per stored dtype plus ``signs`` (uint8), and these strings in its JSON
+header (``__metadata__``):
+
+- ``format``: ``mcn-compress.packed``; ``version``: ``1`` (readers refuse newer versions).
+- ``description``: JSON with how to rebuild the model (``model``: `ModelSource`, ``mcn``:
+  `MCNConfig`), ``float16`` and the checkpoint ``metadata`` (versions, parent, metrics).
+- ``index``: base64 of zlib-compressed JSON ``[[key, blob, shape], ...]`` in state-dict order;
+  each entry occupies the next ``prod(shape)`` elements of its blob, or for ``signs`` the next
+  ``ceil(prod(shape) / 8)`` bytes. Sign entries are the ``.weight`` keys of the converted
+  layers, with the latent shape ``(out // K, in // groups, kh, kw)``.
+- ``sha256``: digest of the blobs (name, then raw bytes, blobs in sorted name order).
+
+Sign bit order (`pack_signs`): the latent tensor is flattened in row-major (C) order; element
+``i`` goes to byte ``i // 8``, bit ``i % 8`` counted from the least significant bit (numpy's
+``packbits(..., bitorder="little")``). Bit 1 means +1 (``C >= 0``, since sign(0) = +1), bit 0
+means -1; the unused high bits of a layer's last byte are 0 and every layer starts on a byte.
+
+One index entry costs a few bytes after compression, so the file stays within 1% + 16 KiB of
+the theoretical minimum (sign bits / 8 + bytes of the stored float and integer values) even for
+small heads; `mcn_compress.report` measures it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import math
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcn_compress.checkpoint import (
+    atomic_write,
+    checkpoint_dict,
+    model_from_checkpoint,
+    read_checkpoint,
+)
+from mcn_compress.errors import CheckpointError, MCNError
+
+_logger = logging.getLogger(__name__)
+
+PACKED_FORMAT = "mcn-compress.packed"
+PACKED_VERSION = 1
+PACKED_SUFFIX = ".mcn"
+SIGNS = "signs"
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+_BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+
+
+# --- sign bits ------------------------------------------------------------------------------
+def pack_signs(latent: torch.Tensor) -> torch.Tensor:
+    """Pack ``sign(latent)`` 8 per byte: a 1-D uint8 tensor of ``ceil(numel / 8)`` bytes.
+
+    Element ``i`` of the row-major flattening is bit ``i % 8`` (least significant first) of
+    byte ``i // 8``; bit 1 is +1 (``latent >= 0``, sign(0) = +1), bit 0 is -1.
+    """
+    bits = (latent.detach().reshape(-1) >= 0).to(torch.uint8)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    return (bits.reshape(-1, 8).cpu() * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_signs(
+    packed: torch.Tensor, shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of `pack_signs`: a tensor of ``shape`` holding +1 and -1 in ``dtype``."""
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != math.ceil(numel / 8):
+        raise ValueError(
+            f"{packed.numel()} {packed.dtype} values cannot hold {numel} sign bits "
+            f"(need {math.ceil(numel / 8)} uint8)"
+        )
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS) != 0
+    bits = bits.reshape(-1)[:numel]
+    return torch.where(bits, 1.0, -1.0).to(dtype).reshape(tuple(shape))
+
+
+# --- helpers --------------------------------------------------------------------------------
+def _blob_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _digest(blobs: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(blobs):
+        h.update(name.encode())
+        h.update(blobs[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _encode_index(index: list[list[Any]]) -> str:
+    text = json.dumps(index, separators=(",", ":"))
+    return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+
+
+def _decode_index(text: str) -> list[list[Any]]:
+    return json.loads(zlib.decompress(base64.b64decode(text, validate=True)))
+
+
+# --- writing --------------------------------------------------------------------------------
+def pack_model(model: nn.Module, float16: bool = False, *, parent: str | None = None) -> bytes:
+    """The packed file of a converted ``model`` as bytes (see the module docstring)."""
+    from safetensors.torch import save as st_save
+
+    metadata = dict(getattr(model, "mcn_metadata", None) or {})
+    data = checkpoint_dict(
+        model, parent=parent or metadata.get("parent"), metrics=metadata.get("metrics")
+    )
+    sign_keys = {f"{name}.weight" for name in data["layers"]}
+    parts: dict[str, list[torch.Tensor]] = {}
+    index: list[list[Any]] = []
+    for key, value in data["state_dict"].items():
+        if key in sign_keys:
+            blob, stored = SIGNS, pack_signs(value)
+        else:
+            stored = value.reshape(-1)
+            if float16 and stored.is_floating_point():
+                stored = stored.to(torch.float16)
+            blob = _blob_name(stored.dtype)
+        parts.setdefault(blob, []).append(stored)
+        index.append([key, blob, list(value.shape)])
+    blobs = {name: torch.cat(tensors) for name, tensors in parts.items()}
+    meta = dict(data["metadata"])
+    meta.pop("conversion", None)  # per-layer init errors: not needed to rebuild, and large
+    description = {"model": data["model"], "mcn": data["mcn"], "float16": float16, "metadata": meta}
+    header = {
+        "format": PACKED_FORMAT,
+        "version": str(PACKED_VERSION),
+        "description": json.dumps(description, separators=(",", ":"), default=str),
+        "index": _encode_index(index),
+        "sha256": _digest(blobs),
+    }
+    return st_save(blobs, metadata=header)
+
+
+def export_packed(
+    model: nn.Module, path: str | Path, float16: bool = False, *, parent: str | None = None
+) -> Path:
+    """Write the packed 1-bit file of a converted ``model`` to ``path`` atomically.
+
+    Args:
+        model: an MCN model from `convert` or `load` (it must carry ``mcn_source`` and
+            ``mcn_config``).
+        path: the output file (``model.mcn`` by convention); written via a temporary file.
+        float16: store float parts as float16 (half the bytes; outputs then close, not equal).
+        parent: the file ``model`` was read from, recorded in the metadata.
+
+    Example:
+        >>> export_packed(load("model.pt"), "model.mcn")
+        PosixPath('model.mcn')
+    """
+    payload = pack_model(model, float16, parent=parent)
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+    _logger.info("wrote %s (%d bytes, float16=%s)", path, len(payload), float16)
+    return Path(path)
+
+
+# --- reading --------------------------------------------------------------------------------
+def looks_packed(path: str | Path) -> bool:
+    """True if ``path`` starts like a safetensors file (8-byte length, then ``{``).
+
+    A cheap content sniff used by `checkpoint.load` to dispatch; `load_packed` validates fully.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def sniff_format(path: str | Path) -> str | None:
+    """``"packed"``, ``"checkpoint"`` (a torch zip archive) or None, from the first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if len(head) == 9 and head[8:9] == b"{":
+        return "packed"
+    if head.startswith(b"PK\x03\x04"):
+        return "checkpoint"
+    return None
+
+
+def load_model_file(path: str | Path) -> nn.Module:
+    """Load a checkpoint or a packed file, refusing anything else before parsing it.
+
+    Unlike `checkpoint.load` this never hands a foreign file to ``torch.load`` (a file that
+    starts like neither format raises `CheckpointError` at once), and any error the unpickler
+    raises on a damaged checkpoint becomes a `CheckpointError` too.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a model file")
+    kind = sniff_format(path)
+    if kind is None:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is empty")
+        raise CheckpointError(
+            f"{path} is not an mcn-compress checkpoint or packed file (unknown format, or "
+            "truncated)"
+        )
+    if kind == "packed":
+        return load_packed(path)
+    try:
+        data = read_checkpoint(path)
+    except MCNError:
+        raise
+    except Exception as exc:  # torch's unpickler raises anything on damaged bytes
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__})") from exc
+    return model_from_checkpoint(data, origin=str(path))
+
+
+def _read_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """Validate the safetensors framing and our metadata; returns (header, metadata)."""
+    if len(raw) < 8:
+        raise CheckpointError(f"{path} is truncated ({len(raw)} bytes)")
+    size = int.from_bytes(raw[:8], "little")
+    if size > _MAX_HEADER:
+        raise CheckpointError(f"{path} is not an mcn-compress packed file or checkpoint")
+    if 8 + size > len(raw):
+        raise CheckpointError(f"{path} is truncated (header incomplete)")
+    try:
+        header = json.loads(raw[8 : 8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt (unreadable header)") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt (unreadable header)")
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != PACKED_FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an mcn-compress packed model "
+            "(for float weights use --weights)"
+        )
+    try:
+        version = int(meta.get("version", ""))
+    except ValueError:
+        version = -1
+    if version < 1 or version > PACKED_VERSION:
+        raise CheckpointError(
+            f"{path} has packed format version {meta.get('version')!r}; this mcn-compress "
+            f"reads up to {PACKED_VERSION}: upgrade mcn-compress"
+        )
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (TypeError, KeyError, IndexError, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt (bad tensor table)") from exc
+    data_size = len(raw) - 8 - size
+    if data_size < end:
+        raise CheckpointError(f"{path} is truncated ({len(raw)} bytes, expected {8 + size + end})")
+    if data_size > end:
+        raise CheckpointError(f"{path} is corrupt ({data_size - end} trailing bytes)")
+    return header, meta
+
+
+def read_packed(path: str | Path) -> dict[str, Any]:
+    """Read and validate a packed file into checkpoint-dict form (signs as ±1 latent weights).
+
+    The result has the fields `checkpoint.model_from_checkpoint` rebuilds from, plus
+    ``float16``. Foreign, truncated or corrupt files raise `CheckpointError`.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a packed model file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    _, meta = _read_header(path, raw)
+    try:
+        blobs = st_load(raw)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc})") from exc
+    if meta.get("sha256") != _digest(blobs):
+        raise CheckpointError(f"{path} is corrupt (checksum mismatch)")
+    try:
+        description = json.loads(meta["description"])
+        index = _decode_index(meta["index"])
+        state_dict, layers = _unpack_index(index, blobs)
+        data = {
+            "model": dict(description["model"]),
+            "mcn": dict(description["mcn"]),
+            "layers": layers,
+            "state_dict": state_dict,
+            "metadata": dict(description.get("metadata") or {}),
+            "float16": bool(description.get("float16", False)),
+        }
+    except (AttributeError, KeyError, TypeError, ValueError, zlib.error, binascii.Error) as exc:
+        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from exc
+    return data
+
+
+def _unpack_index(
+    index: list[list[Any]], blobs: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Slice the blobs back into state-dict entries; sign entries become ±1 float32 tensors."""
+    offsets = dict.fromkeys(blobs, 0)
+    state_dict: dict[str, torch.Tensor] = {}
+    layers: list[str] = []
+    for key, blob, shape in index:
+        shape = tuple(int(s) for s in shape)
+        if blob not in blobs:
+            raise ValueError(f"entry {key} refers to a missing blob {blob!r}")
+        start = offsets[blob]
+        count = math.ceil(math.prod(shape) / 8) if blob == SIGNS else math.prod(shape)
+        if start + count > blobs[blob].numel():
+            raise ValueError(f"blob {blob!r} is too short for entry {key}")
+        chunk = blobs[blob][start : start + count]
+        offsets[blob] = start + count
+        if blob == SIGNS:
+            if not key.endswith(".weight"):
+                raise ValueError(f"sign entry {key} is not a conv weight")
+            state_dict[key] = unpack_signs(chunk, shape)
+            layers.append(key.removesuffix(".weight"))
+        else:
+            state_dict[key] = chunk.reshape(shape).clone()
+    unused = [name for name, used in offsets.items() if used != blobs[name].numel()]
+    if unused:
+        raise ValueError(f"blob {unused[0]!r} holds more values than its entries")
+    return state_dict, layers
+
+
+def load_packed(path: str | Path) -> nn.Module:
+    """Rebuild the MCN model of a packed file, in eval mode (see the module docstring).
+
+    The architecture is rebuilt like a checkpoint's (`checkpoint.model_from_checkpoint`):
+    float model without downloads, converted at the stored layer names, then every entry
+    loaded. Without ``float16`` its outputs equal those of the model that was exported.
+    """
+    data = read_packed(path)
+    model = model_from_checkpoint(data, origin=str(path))
+    model.mcn_packed_float16 = data["float16"]  # type: ignore[assignment]
+    return model

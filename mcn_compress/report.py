@@ -1,0 +1,463 @@
+"""Size and speed profiles of float and MCN models, measured on real files (numbers only).
+
+Every byte count here is the size of a file written to a temporary directory (DESIGN.md
+section 6): the float32 original as a safetensors file of its state dict, the MCN model as its
+packed file (`mcn_compress.export`). Next to them stands the theoretical minimum
+
+    sign bits / 8 + (4 bytes, or 2 with float16) per stored float value + integer buffer bytes
+
+where the stored float values are every float parameter and buffer other than the latent C
+(M-Filters, biases, float layers, BatchNorm statistics), and a float value's bytes are those of
+its stored dtype (4 for float32 models). A file is "within bound" when it is at most
+``1.01 * minimum + 16 KiB``. Rendering lives in `mcn_compress.cli.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mcn_compress.errors import CheckpointError, MCNError
+from mcn_compress.models import ModelSource, build_model, load_weights
+from mcn_compress.nn.mcconv import MCConv2d
+
+_logger = logging.getLogger(__name__)
+
+BOUND_FRACTION = 0.01
+BOUND_SLACK = 16 * 1024
+
+
+def size_bound(min_bytes: int) -> int:
+    """Largest acceptable file size for a theoretical minimum: 1% + 16 KiB over it."""
+    return math.floor(min_bytes * (1 + BOUND_FRACTION)) + BOUND_SLACK
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One module that owns parameters or buffers: its stored bits and float parameters.
+
+    ``shape`` is the weight shape of the layer as the float original has it (for an MCN layer
+    ``(out, in // groups, kh, kw)``); ``bits`` counts its 1-bit signs; ``rel_error`` is
+    ``||W0 - Q|| / ||W0||`` against the float original's weights when they are available.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    bits: int
+    float_params: int
+    rel_error: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "bits": self.bits,
+            "float_params": self.float_params,
+            "rel_error": self.rel_error,
+        }
+
+
+@dataclass
+class ModelProfile:
+    """What one model costs: parameter counts, real file sizes, theoretical minimum, latency.
+
+    ``kind`` is ``"float"`` for the float original (``packed_bytes`` is then None and the file
+    compared with the minimum is the float32 file) or ``"mcn"``.
+    """
+
+    label: str
+    kind: str
+    architecture: str
+    planes: int | None
+    width: str | None
+    mcn1: bool
+    converted_layers: int
+    float_layers: int
+    binary_params: int
+    float_params: int
+    float_buffers: int
+    float32_bytes: int
+    packed_bytes: int | None
+    min_bytes: int
+    float16: bool = False
+    path: str | None = None
+    input_bytes: int | None = None
+    latency_ms: float | None = None
+    layers: list[LayerProfile] | None = field(default=None, repr=False)
+
+    @property
+    def file_bytes(self) -> int:
+        """The file this row ships: the packed file, or the float32 file for the original."""
+        return self.packed_bytes if self.packed_bytes is not None else self.float32_bytes
+
+    @property
+    def bound_bytes(self) -> int:
+        return size_bound(self.min_bytes)
+
+    @property
+    def within_bound(self) -> bool:
+        return self.file_bytes <= self.bound_bytes
+
+    @property
+    def overhead(self) -> float:
+        """``file_bytes / min_bytes - 1``: the fraction spent beyond the theoretical minimum."""
+        return self.file_bytes / self.min_bytes - 1 if self.min_bytes else 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Compression against the float32 original: ``float32_bytes / file_bytes``."""
+        return self.float32_bytes / self.file_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form with the derived numbers (``layers`` only when profiled)."""
+        data: dict[str, Any] = {
+            "label": self.label,
+            "kind": self.kind,
+            "path": self.path,
+            "architecture": self.architecture,
+            "planes": self.planes,
+            "width": self.width,
+            "mcn1": self.mcn1,
+            "converted_layers": self.converted_layers,
+            "float_layers": self.float_layers,
+            "binary_params": self.binary_params,
+            "float_params": self.float_params,
+            "float_buffers": self.float_buffers,
+            "float16": self.float16,
+            "input_bytes": self.input_bytes,
+            "float32_bytes": self.float32_bytes,
+            "packed_bytes": self.packed_bytes,
+            "min_bytes": self.min_bytes,
+            "bound_bytes": self.bound_bytes,
+            "within_bound": self.within_bound,
+            "overhead": self.overhead,
+            "ratio": self.ratio,
+            "latency_ms": self.latency_ms,
+        }
+        if self.layers is not None:
+            data["layers"] = [layer.to_dict() for layer in self.layers]
+        return data
+
+
+# --- counting -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Counts:
+    binary_params: int
+    float_params: int
+    float_buffers: int
+    min_bytes: int
+
+
+def _sign_keys(model: nn.Module) -> set[str]:
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, MCConv2d)}
+
+
+def storage_counts(model: nn.Module, bytes_per_float: int | None = None) -> _Counts:
+    """Count the stored values of ``model``'s state dict and its theoretical minimum in bytes.
+
+    Sign bits are the latent weights of every `MCConv2d`; every other floating entry is a float
+    parameter or buffer of ``bytes_per_float`` bytes (default: its dtype's size); integer and
+    bool buffers count their own bytes.
+    """
+    signs = _sign_keys(model)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    bits = float_params = float_buffers = float_bytes = other_bytes = 0
+    for key, value in model.state_dict().items():
+        if key in signs:
+            bits += value.numel()
+        elif value.is_floating_point():
+            if key in params:
+                float_params += value.numel()
+            else:
+                float_buffers += value.numel()
+            float_bytes += value.numel() * (bytes_per_float or value.element_size())
+        else:
+            other_bytes += value.numel() * value.element_size()
+    return _Counts(
+        bits, float_params, float_buffers, math.ceil(bits / 8) + float_bytes + other_bytes
+    )
+
+
+def _layer_counts(model: nn.Module) -> tuple[int, int]:
+    """(converted `MCConv2d` layers, float `nn.Conv2d` and `nn.Linear` layers)."""
+    converted = sum(isinstance(m, MCConv2d) for m in model.modules())
+    kept = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+    return converted, kept
+
+
+def float32_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``model``'s float original, as float32 (integer buffers unchanged).
+
+    For an MCN model in ``width: keep`` each `MCConv2d` folds back to the conv it replaced (a
+    ``(out, in // groups, kh, kw)`` weight, no M-Filter): the same keys and shapes the float
+    model has.
+    """
+    mcn = {n: m for n, m in model.named_modules() if isinstance(m, MCConv2d)}
+    folded: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in mcn and leaf == "mfilter":
+            continue
+        if owner in mcn and leaf == "weight":
+            layer = mcn[owner]
+            value = torch.zeros(layer.out_channels, *layer.weight.shape[1:])
+        if value.is_floating_point():
+            value = value.to(torch.float32)
+        folded[key] = value.detach().cpu().contiguous().clone()
+    return folded
+
+
+def _file_size(write: Any) -> int:
+    with tempfile.TemporaryDirectory(prefix="mcn-report-") as tmp:
+        path = Path(tmp) / "model"
+        write(path)
+        return path.stat().st_size
+
+
+def float32_file_bytes(model: nn.Module) -> int:
+    """Bytes of the float original written as a float32 safetensors file."""
+    from safetensors.torch import save_file
+
+    state = float32_state_dict(model)
+    return _file_size(lambda path: save_file(state, str(path)))
+
+
+def packed_file_bytes(model: nn.Module, float16: bool = False) -> int:
+    """Bytes of ``model``'s packed file (`export.export_packed`), written to a temp dir."""
+    from mcn_compress.export import export_packed
+
+    return _file_size(lambda path: export_packed(model, path, float16=float16))
+
+
+# --- per layer and latency ------------------------------------------------------------------
+def _relative_error(w0: torch.Tensor, q: torch.Tensor) -> float | None:
+    if w0.shape != q.shape:
+        return None
+    norm = torch.linalg.vector_norm(w0.double())
+    if norm == 0:
+        return None
+    return float(torch.linalg.vector_norm(w0.double() - q.double()) / norm)
+
+
+def layer_profiles(model: nn.Module, reference: nn.Module | None = None) -> list[LayerProfile]:
+    """One `LayerProfile` per module owning parameters or buffers, in registration order.
+
+    With ``reference`` (the float original with its real weights) every MCN layer also gets
+    ``||W0 - Q|| / ||W0||``; other layers and MCN layers without a reference get None.
+    """
+    ref_modules = dict(reference.named_modules()) if reference is not None else {}
+    rows = []
+    for name, module in model.named_modules():
+        own_params = dict(module.named_parameters(recurse=False))
+        own_buffers = dict(module.named_buffers(recurse=False))
+        if not own_params and not own_buffers:
+            continue
+        rel_error = None
+        if isinstance(module, MCConv2d):
+            shape: tuple[int, ...] = (module.out_channels, *module.weight.shape[1:])
+            bits = module.weight.numel()
+            floats = sum(p.numel() for k, p in own_params.items() if k != "weight")
+            w0 = getattr(ref_modules.get(name), "weight", None)
+            if isinstance(w0, torch.Tensor):
+                with torch.no_grad():
+                    rel_error = _relative_error(w0.detach(), module.reconstruct().detach())
+            kind = "mcn"
+        else:
+            weight = own_params.get("weight")
+            shape = tuple(weight.shape) if weight is not None else ()
+            bits = 0
+            floats = sum(p.numel() for p in own_params.values() if p.is_floating_point())
+            kind = type(module).__name__
+        rows.append(LayerProfile(name or "(root)", kind, shape, bits, floats, rel_error))
+    return rows
+
+
+def default_input_shape(model: nn.Module, input_size: int | None = None) -> tuple[int, int, int]:
+    """(channels, height, width) of one input image: the stem's channels, timm's
+    ``pretrained_cfg['input_size']`` or 224 unless ``input_size`` is given."""
+    channels = 3
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | MCConv2d):
+            channels = module.in_channels
+            break
+    if input_size is not None:
+        return channels, input_size, input_size
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if isinstance(size, list | tuple) and len(size) == 3:
+        return channels, int(size[1]), int(size[2])
+    return channels, 224, 224
+
+
+def measure_latency(
+    model: nn.Module, input_shape: tuple[int, int, int], repeats: int = 10, warmup: int = 2
+) -> float:
+    """Median milliseconds for one image (batch of 1) through ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, *input_shape)
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                start = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return 1000 * statistics.median(times)
+
+
+# --- profiles -------------------------------------------------------------------------------
+def profile_model(
+    model: nn.Module,
+    label: str,
+    *,
+    float16: bool = False,
+    per_layer: bool = False,
+    latency: bool = False,
+    input_size: int | None = None,
+    reference: nn.Module | None = None,
+    path: str | Path | None = None,
+) -> ModelProfile:
+    """Profile an MCN model (or, with no `MCConv2d`, a float model) from real files.
+
+    Args:
+        model: a model from `convert` / `load`, or a float model.
+        label: the name of its row.
+        float16: measure the packed file with float16 float parts.
+        per_layer: also compute `layer_profiles`.
+        latency: also time one image through the eval model (`measure_latency`).
+        input_size: image side for the latency run (default: the model's own).
+        reference: the float original with its real weights, for per-layer errors.
+        path: the file the model came from (its size is reported as ``input_bytes``).
+    """
+    is_mcn = any(isinstance(m, MCConv2d) for m in model.modules())
+    converted, kept = _layer_counts(model)
+    float16 = float16 and is_mcn
+    # the float original is measured as a float32 file, an MCN model as its packed file
+    counts = storage_counts(model, 2 if float16 else None if is_mcn else 4)
+    source = getattr(model, "mcn_source", None)
+    config = getattr(model, "mcn_config", None)
+    profile = ModelProfile(
+        label=label,
+        kind="mcn" if is_mcn else "float",
+        architecture=source.display_name
+        if isinstance(source, ModelSource)
+        else type(model).__name__,
+        planes=config.planes if is_mcn and config is not None else None,
+        width=config.width if is_mcn and config is not None else None,
+        mcn1=bool(config.mcn1) if is_mcn and config is not None else False,
+        converted_layers=converted,
+        float_layers=kept,
+        binary_params=counts.binary_params,
+        float_params=counts.float_params,
+        float_buffers=counts.float_buffers,
+        float32_bytes=float32_file_bytes(model),
+        packed_bytes=packed_file_bytes(model, float16) if is_mcn else None,
+        min_bytes=counts.min_bytes,
+        float16=float16,
+        path=str(path) if path is not None else None,
+        input_bytes=Path(path).stat().st_size if path is not None else None,
+    )
+    if per_layer:
+        profile.layers = layer_profiles(model, reference)
+    if latency:
+        profile.latency_ms = measure_latency(model, default_input_shape(model, input_size))
+    return profile
+
+
+def _source_key(source: ModelSource) -> tuple[str, str, str]:
+    return source.library, source.name, repr(sorted(source.kwargs.items()))
+
+
+def _float_original(source: ModelSource, with_weights: bool) -> nn.Module | None:
+    """Rebuild the float architecture (no downloads); load its local weights if asked and the
+    file still exists. None when the architecture cannot be built."""
+    try:
+        model = build_model(source, pretrained=False)
+    except MCNError as exc:
+        _logger.warning("float original %s not rebuilt: %s", source.display_name, exc)
+        return None
+    model.mcn_source = source  # type: ignore[assignment]
+    if with_weights and source.weights and Path(source.weights).is_file():
+        try:
+            load_weights(model, source.weights, source.display_name)
+            model.mcn_weights_loaded = True  # type: ignore[assignment]
+        except MCNError as exc:
+            _logger.warning("float weights %s not usable: %s", source.weights, exc)
+    return model.eval()
+
+
+def profile_paths(
+    paths: Sequence[str | Path],
+    *,
+    float16: bool = False,
+    per_layer: bool = False,
+    latency: bool = False,
+    input_size: int | None = None,
+) -> list[ModelProfile]:
+    """Profiles of checkpoints and packed files, each preceded by its float original.
+
+    The float original is rebuilt from the stored description (random weights: sizes and
+    latency do not depend on them) and listed once per distinct architecture, before the first
+    model derived from it. Per-layer reconstruction errors use its real weights when the
+    description names a local weights file that still exists. For a packed file stored with
+    float16 the packed size is measured with float16 too.
+    """
+    from mcn_compress.export import load_model_file
+
+    models = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            raise CheckpointError(f"{p} is a directory; run directories are not supported yet")
+        models.append((p, load_model_file(p)))
+    profiles: list[ModelProfile] = []
+    seen: set[tuple[str, str, str]] = set()
+    for p, model in models:
+        source = getattr(model, "mcn_source", None)
+        reference = None
+        if isinstance(source, ModelSource):
+            original = _float_original(source, with_weights=per_layer)
+            if original is not None:
+                key = _source_key(source)
+                if key not in seen:
+                    seen.add(key)
+                    profiles.append(
+                        profile_model(
+                            original,
+                            f"{source.display_name} (float)",
+                            per_layer=per_layer,
+                            latency=latency,
+                            input_size=input_size,
+                        )
+                    )
+                if getattr(original, "mcn_weights_loaded", False):
+                    reference = original
+        profiles.append(
+            profile_model(
+                model,
+                str(p),
+                float16=float16 or bool(getattr(model, "mcn_packed_float16", False)),
+                per_layer=per_layer,
+                latency=latency,
+                input_size=input_size,
+                reference=reference,
+                path=p,
+            )
+        )
+    return profiles
