@@ -80,6 +80,8 @@ def resolve_source(
     """Check ``name`` exists and return its `ModelSource` (no weights are built)."""
     import timm
 
+    import mcn_compress.smallnets  # noqa: F401  (registers mcn_resnet_small with timm)
+
     kwargs: dict[str, Any] = {}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -113,6 +115,8 @@ def build_model(source: ModelSource, pretrained: bool = False) -> nn.Module:
             model = torchvision.models.get_model(source.name, weights=weights, **source.kwargs)
         elif source.library == "timm":
             import timm
+
+            import mcn_compress.smallnets  # noqa: F401  (registers mcn_resnet_small)
 
             model = timm.create_model(source.name, pretrained=pretrained, **source.kwargs)
         else:

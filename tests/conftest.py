@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the suite shares two cores with the 2-process gloo test and any other load.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

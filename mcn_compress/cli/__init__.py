@@ -8,6 +8,9 @@ import typer
 
 from mcn_compress.cli._common import setup_logging
 from mcn_compress.cli.convert import convert_command
+from mcn_compress.cli.export import export_command
+from mcn_compress.cli.finetune import finetune_command
+from mcn_compress.cli.report import report_command
 
 app = typer.Typer(
     name="mcn-compress",
@@ -38,6 +41,9 @@ def _root(
 
 
 app.command("convert")(convert_command)
+app.command("finetune")(finetune_command)
+app.command("export")(export_command)
+app.command("report")(report_command)
 
 
 def main() -> None:
