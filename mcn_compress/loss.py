@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mcn_compress.errors import ConfigError
+from mcn_compress.models import declared_classifier
 from mcn_compress.nn.mcconv import MCConv2d
 
 _logger = logging.getLogger(__name__)
@@ -60,14 +61,9 @@ def find_classifier(model: nn.Module) -> nn.Module:
     timm's ``get_classifier()`` when it returns a module, else the last `nn.Linear` or
     `nn.Conv2d` in module registration order (torchvision ``fc`` / ``classifier[-1]``).
     """
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        try:
-            head = get_classifier()
-        except Exception:  # noqa: BLE001 - any failure means "ask the module tree instead"
-            head = None
-        if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
-            return head
+    head = declared_classifier(model)
+    if head is not None and not isinstance(head, nn.Identity):
+        return head
     heads = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     if not heads:
         raise ConfigError(
@@ -180,7 +176,7 @@ class MCNLoss(nn.Module):
         # plain Python containers: the model's modules must not join this state dict
         self._layers: list[MCConv2d] = [m for m in model.modules() if isinstance(m, MCConv2d)]
         if not self._layers:
-            _logger.warning("%s has no MCConv2d layer: the filter term is 0", type(model).__name__)
+            _logger.info("%s has no MCConv2d layer: the filter term is 0", type(model).__name__)
         self._classifier: list[nn.Module] = [find_classifier(model)]
         dim = feature_dim if feature_dim is not None else _feature_dim(self._classifier[0])
         param = next(model.parameters(), None)

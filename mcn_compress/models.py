@@ -57,6 +57,18 @@ class ModelSource:
             raise ModelLoadError(f"invalid model source record: {exc}") from exc
 
 
+def declared_classifier(model: nn.Module) -> nn.Module | None:
+    """The module timm's ``get_classifier()`` returns, or None when the model has no usable one."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if not callable(get_classifier):
+        return None
+    try:
+        head = get_classifier()
+    except Exception:  # noqa: BLE001 - any failure means "no usable answer"
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
 

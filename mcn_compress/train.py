@@ -48,6 +48,7 @@ _logger = logging.getLogger(__name__)
 LAST = "last.pt"
 BEST = "best.pt"
 FLOAT_FORMAT = "mcn-compress.float-run"
+CALIBRATION_BATCHES = 20  # BN recalibration after on-the-fly conversion (issue: BN drift)
 
 
 class TrainingDiverged(MCNError):
@@ -326,6 +327,8 @@ class Trainer:
         self.train_set, self.val_set = build_datasets(recipe.data, self.model, seed=runtime.seed)
         self._check_labels()
         self.model.to(self.device)
+        if model is None and recipe.model.name is not None and not resume:
+            self._recalibrate()
         if runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.criterion = MCNLoss(
@@ -364,6 +367,20 @@ class Trainer:
             self._load_state(path)
 
     # --- set-up helpers ------------------------------------------------------------------
+    def _recalibrate(self) -> None:
+        """Re-estimate BN statistics of a freshly converted model on training images."""
+        from mcn_compress.calibrate import recalibrate_batchnorm
+
+        loader = DataLoader(self.train_set, batch_size=self.recipe.data.batch_size, shuffle=False)
+        gen_state = torch.get_rng_state()
+        seen = recalibrate_batchnorm(
+            self.model,
+            ((x.to(self.device), y) for x, y in loader),
+            max_batches=CALIBRATION_BATCHES,
+        )
+        torch.set_rng_state(gen_state)
+        _logger.info("recalibrated BatchNorm on %d training images after conversion", seen)
+
     def _check_labels(self) -> None:
         from mcn_compress.data import dataset_classes
         from mcn_compress.errors import DataError

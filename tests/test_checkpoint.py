@@ -32,6 +32,9 @@ def test_round_trip_and_contents(mcn: torch.nn.Module, tmp_path: Path) -> None:
         assert torch.equal(reloaded(x), mcn(x))
     assert reloaded.mcn_config == mcn.mcn_config
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # an ordinary file mode, not 0600
 
 
 class _Payload:

@@ -10,6 +10,7 @@ from mcn_compress.cli._common import setup_logging
 from mcn_compress.cli.convert import convert_command
 from mcn_compress.cli.export import export_command
 from mcn_compress.cli.finetune import finetune_command
+from mcn_compress.cli.quickstart import quickstart_command
 from mcn_compress.cli.report import report_command
 
 app = typer.Typer(
@@ -42,6 +43,7 @@ def _root(
 
 app.command("convert")(convert_command)
 app.command("finetune")(finetune_command)
+app.command("quickstart")(quickstart_command)
 app.command("export")(export_command)
 app.command("report")(report_command)
 

@@ -32,7 +32,13 @@ class RichCallbacks:
         self._start = 0.0
         self._done = 0
 
+    def _drop_eval_task(self) -> None:
+        if self.eval_task is not None:
+            self.progress.remove_task(self.eval_task)
+            self.eval_task = None
+
     def on_epoch_start(self, epoch: int, epochs: int, steps: int, done: int) -> None:
+        self._drop_eval_task()
         self.task = self.progress.add_task(
             f"epoch {epoch + 1}/{epochs}", total=steps, completed=done, info=""
         )
@@ -51,6 +57,7 @@ class RichCallbacks:
         self.progress.update(self.task, advance=1, info=info)
 
     def on_eval_start(self, steps: int) -> None:
+        self._drop_eval_task()
         self.eval_task = self.progress.add_task("  validate", total=steps, info="")
 
     def on_eval_step(self) -> None:
@@ -58,15 +65,30 @@ class RichCallbacks:
         self.progress.advance(self.eval_task)
 
     def on_epoch_end(self, metrics: object, best: bool) -> None:
-        for task in (self.task, self.eval_task):
-            if task is not None:
-                self.progress.remove_task(task)
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        self._drop_eval_task()
         m = metrics
         mark = " [green](best)[/]" if best else ""
         self.progress.console.print(
             f"epoch {m.epoch}: loss {m.loss:.4f}  val top-1 {m.val_top1:.2f}  "  # type: ignore[attr-defined]
             f"top-5 {m.val_top5:.2f}  {m.images_per_sec:.0f} img/s{mark}"  # type: ignore[attr-defined]
         )
+
+
+def training_progress(show: bool) -> Progress:
+    """The progress display of training runs (stderr; disabled with --quiet/--json)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=err,
+        disable=not show,
+    )
 
 
 def history_table(history: list[object]) -> Table:
@@ -119,16 +141,7 @@ def finetune_command(
     show = not (quiet or json_output)
     with cli_errors():
         spec = load_recipe(recipe, overrides or [])
-        progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=err,
-            disable=not show,
-        )
+        progress = training_progress(show)
         with progress:
             trainer = Trainer(
                 spec, callbacks=RichCallbacks(progress, spec.data.batch_size), resume=resume

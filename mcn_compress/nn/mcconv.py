@@ -161,6 +161,29 @@ class MCConv2d(nn.Module):
 
     # --- conversions -----------------------------------------------------------------------
     @classmethod
+    def like_conv2d(
+        cls, conv: nn.Conv2d, planes: int = 4, mcn1: bool = False, clip: float = 1.0
+    ) -> MCConv2d:
+        """A freshly initialised MCConv2d with ``conv``'s geometry, device and dtype."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            planes=planes,
+            mcn1=mcn1,
+            clip=clip,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+
+    @classmethod
     def from_conv2d(
         cls,
         conv: nn.Conv2d,
@@ -174,24 +197,8 @@ class MCConv2d(nn.Module):
         Signs and M are fitted by alternating closed-form steps; the latent C has those signs
         and the filter-loss minimiser ``|M|``. The bias is copied.
         """
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
         w0 = conv.weight.detach()
-        mod = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            planes=planes,
-            mcn1=mcn1,
-            clip=clip,
-            device=w0.device,
-            dtype=w0.dtype,
-        )
+        mod = cls.like_conv2d(conv, planes=planes, mcn1=mcn1, clip=clip)
         signs, mfilter = fit_binary_approximation(w0, planes, mcn1=mcn1, iters=init_iters)
         with torch.no_grad():
             mod.weight.copy_(latent_from_fit(w0, signs, mfilter, mcn1=mcn1))

@@ -1,0 +1,291 @@
+"""The whole job on Fashion-MNIST: train a float model, convert it, fine-tune, measure.
+
+Used by `mcn-compress quickstart` and `benchmarks/fashion_mnist.py`. Everything runs offline
+on Debian's ``dataset-fashion-mnist`` files (DESIGN.md section 5) and on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcn_compress.errors import MCNError
+from mcn_compress.recipe import Recipe, recipe_from_dict
+from mcn_compress.train import LAST, EpochMetrics, TrainCallbacks, Trainer, TrainResult
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Data and epochs shared by every variant of a comparison (same seed, same data)."""
+
+    arch: str = "mcn_resnet_small"
+    train_samples: int | None = 20000
+    val_samples: int | None = None
+    pretrain_epochs: int = 3
+    epochs: int = 3
+    batch_size: int = 128
+    workers: int = 0
+    seed: int = 0
+    root: str | None = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tuning setting: MCN options and loss/optimiser overrides."""
+
+    label: str
+    convert: dict[str, Any] | None  # None: keep training the float model
+    loss: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+
+
+# The recipe defaults that won the Fashion-MNIST benchmark (see README).
+MCN_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-3, "lr_mfilter": 2e-4}
+MCN_LOSS: dict[str, Any] = {"theta": 1e-4, "lambda_center": 1e-3, "alpha": 0.5}
+FLOAT_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-3}
+
+
+def _recipe(
+    budget: Budget,
+    run_dir: Path,
+    epochs: int,
+    convert: dict[str, Any] | None,
+    weights: Path | None,
+    loss: dict[str, Any],
+    optim: dict[str, Any],
+) -> Recipe:
+    model: dict[str, Any] = {
+        "name": budget.arch,
+        "pretrained": False,
+        "num_classes": 10,
+        "in_chans": 1,
+        "convert": convert or {"planes": 4},
+    }
+    if weights is not None:
+        model["weights"] = str(weights)
+    data: dict[str, Any] = {
+        "dataset": "fashion_mnist",
+        "batch_size": budget.batch_size,
+        "workers": budget.workers,
+        "train_samples": budget.train_samples,
+        "val_samples": budget.val_samples,
+    }
+    if budget.root:
+        data["root"] = budget.root
+    return recipe_from_dict(
+        {
+            "model": model,
+            "data": data,
+            "optim": {"epochs": epochs, "schedule": "cosine", **optim},
+            "loss": loss,
+            "runtime": {"device": "auto", "seed": budget.seed},
+            "output": {"dir": str(run_dir)},
+        },
+        source="<pipeline>",
+    )
+
+
+def _float_model(budget: Budget, weights: Path | None = None) -> torch.nn.Module:
+    from mcn_compress.models import load_float_model
+
+    return load_float_model(
+        budget.arch, pretrained=False, weights=weights, num_classes=10, in_chans=1
+    )
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    path = run_dir / LAST
+    if not path.is_file():
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True).get("train_state", {})
+    except Exception:  # noqa: BLE001 - an unreadable file means "train again"
+        return False
+    return int(state.get("epoch", 0)) >= epochs
+
+
+def pretrain_float(
+    budget: Budget, run_dir: Path, callbacks: TrainCallbacks | None = None
+) -> tuple[Path, list[EpochMetrics]]:
+    """Train (or reuse, when ``run_dir`` already holds a finished run) the float baseline."""
+    recipe = _recipe(
+        budget,
+        run_dir,
+        budget.pretrain_epochs,
+        None,
+        None,
+        {"theta": 0.0, "lambda_center": 0.0},
+        FLOAT_OPTIM,
+    )
+    if _finished(run_dir, budget.pretrain_epochs):
+        _logger.info("reusing the float model in %s", run_dir)
+        history = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
+        rows = [EpochMetrics(**m) for m in history["train_state"]["history"]]
+        return run_dir / LAST, rows
+    trainer = Trainer(recipe, callbacks=callbacks, model=_float_model(budget))
+    result = _fit(trainer)
+    return run_dir / LAST, result.history
+
+
+class PipelineStopped(MCNError):
+    """A stop request (Ctrl-C / SIGTERM) ended the pipeline; the run folder can be resumed."""
+
+
+def _fit(trainer: Trainer) -> TrainResult:
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if result.stopped:
+        raise PipelineStopped(
+            f"stopped; the interrupted run is in {result.run_dir} (a finished float model is "
+            "reused when the same command runs again)"
+        )
+    return result
+
+
+@dataclass
+class VariantResult:
+    """Accuracy, size and speed of one variant after its fine-tuning epochs."""
+
+    label: str
+    top1: float
+    top5: float
+    conv_bits: int
+    float_conv_bits: int
+    images_per_sec: float
+    after_conversion_top1: float | None
+    run_dir: Path
+
+
+def finetune_variant(
+    budget: Budget,
+    variant: Variant,
+    float_weights: Path,
+    run_dir: Path,
+    callbacks: TrainCallbacks | None = None,
+) -> VariantResult:
+    """Fine-tune one variant from the float weights for ``budget.epochs`` epochs."""
+    loss = (
+        {**MCN_LOSS, **variant.loss}
+        if variant.convert
+        else {"theta": 0.0, "lambda_center": 0.0, **variant.loss}
+    )
+    optim = {**(MCN_OPTIM if variant.convert else FLOAT_OPTIM), **variant.optim}
+    recipe = _recipe(budget, run_dir, budget.epochs, variant.convert, float_weights, loss, optim)
+    model = None if variant.convert else _float_model(budget, float_weights)
+    trainer = Trainer(recipe, callbacks=callbacks, model=model)
+    start_top1 = trainer.evaluate()[1] if variant.convert else None
+    result = _fit(trainer)
+    last = result.history[-1]
+    float_bits, mcn_bits = conv_bits(trainer.model)
+    return VariantResult(
+        label=variant.label,
+        top1=last.val_top1,
+        top5=last.val_top5,
+        conv_bits=mcn_bits,
+        float_conv_bits=float_bits,
+        images_per_sec=sum(m.images_per_sec for m in result.history) / len(result.history),
+        after_conversion_top1=start_top1,
+        run_dir=run_dir,
+    )
+
+
+def conv_bits(model: torch.nn.Module) -> tuple[int, int]:
+    """(float32 bits of every conv weight, bits after conversion: 1 per sign, 32 per float)."""
+    from mcn_compress.nn.mcconv import MCConv2d
+
+    float_bits = mcn_bits = 0
+    for module in model.modules():
+        if isinstance(module, MCConv2d):
+            float_bits += 32 * module.out_channels * module.weight[0].numel()
+            mcn_bits += module.weight.numel() + 32 * module.mfilter.numel()
+        elif isinstance(module, torch.nn.Conv2d):
+            float_bits += 32 * module.weight.numel()
+            mcn_bits += 32 * module.weight.numel()
+    return float_bits, mcn_bits
+
+
+def run_comparison(
+    budget: Budget,
+    variants: list[Variant],
+    out_dir: Path,
+    callbacks_for: Callable[[str], TrainCallbacks | None] = lambda _: None,
+) -> tuple[list[EpochMetrics], list[VariantResult]]:
+    """Pretrain the float model once, then fine-tune every variant under the same budget."""
+    float_weights, history = pretrain_float(budget, out_dir / "float", callbacks_for("float"))
+    results = [
+        finetune_variant(budget, v, float_weights, out_dir / _slug(v.label), callbacks_for(v.label))
+        for v in variants
+    ]
+    return history, results
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+
+
+@dataclass
+class QuickstartResult:
+    """Before and after of the quickstart: accuracy and real file sizes."""
+
+    float_top1: float
+    float_bytes: int
+    mcn_top1: float
+    mcn_after_conversion_top1: float | None
+    packed_bytes: int
+    packed_path: Path
+    checkpoint_path: Path
+    conv_bits: int
+    float_conv_bits: int
+    minutes: float
+
+    @property
+    def ratio(self) -> float:
+        return self.float_bytes / self.packed_bytes
+
+
+def quickstart(
+    out_dir: Path,
+    budget: Budget,
+    planes: int = 4,
+    callbacks_for: Callable[[str], TrainCallbacks | None] = lambda _: None,
+) -> QuickstartResult:
+    """Float baseline (reused when already trained) -> MCN K=``planes`` -> fine-tune -> .mcn."""
+    import time
+
+    from mcn_compress.checkpoint import load
+    from mcn_compress.export import export_packed
+    from mcn_compress.report import float32_file_bytes
+
+    start = time.perf_counter()
+    float_weights, history = pretrain_float(budget, out_dir / "float", callbacks_for("float"))
+    variant = Variant(f"MCN keep K={planes}", {"planes": planes})
+    result = finetune_variant(budget, variant, float_weights, out_dir / "mcn", callbacks_for("mcn"))
+    checkpoint = result.run_dir / "best.pt"
+    model = load(checkpoint)
+    packed = export_packed(model, out_dir / "model.mcn")
+    return QuickstartResult(
+        float_top1=history[-1].val_top1,
+        float_bytes=float32_file_bytes(_float_model(budget, float_weights)),
+        mcn_top1=max(m.val_top1 for m in _history(result.run_dir)),
+        mcn_after_conversion_top1=result.after_conversion_top1,
+        packed_bytes=packed.stat().st_size,
+        packed_path=packed,
+        checkpoint_path=checkpoint,
+        conv_bits=result.conv_bits,
+        float_conv_bits=result.float_conv_bits,
+        minutes=(time.perf_counter() - start) / 60,
+    )
+
+
+def _history(run_dir: Path) -> list[EpochMetrics]:
+    data = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
+    return [EpochMetrics(**m) for m in data["train_state"]["history"]]

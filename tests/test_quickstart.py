@@ -1,0 +1,58 @@
+"""The quickstart pipeline on real Fashion-MNIST (tiny budget), and its missing-data error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mcn_compress import load
+from mcn_compress.cli import app
+from mcn_compress.data import DEBIAN_FASHION_MNIST
+
+needs_data = pytest.mark.skipif(
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist",
+)
+TINY = [
+    "--arch",
+    "mcn_resnet_tiny",
+    "--train-samples",
+    "256",
+    "--pretrain-epochs",
+    "1",
+    "--epochs",
+    "1",
+]
+
+
+@needs_data
+def test_quickstart_end_to_end_and_reuse(tmp_path: Path) -> None:
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--json", *TINY])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    packed = Path(data["packed"])
+    assert packed == out / "model.mcn"
+    assert data["packed_bytes"] == packed.stat().st_size
+    assert data["compression"] == pytest.approx(data["float_bytes"] / data["packed_bytes"])
+    assert data["compression"] > 10
+    assert 0 <= data["mcn_top1"] <= 100 and 0 <= data["float_top1"] <= 100
+    assert type(load(packed)).__name__ == "SmallResNet"
+    float_run = out / "float" / "last.pt"
+    stamp = float_run.stat().st_mtime_ns
+    again = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--quiet", *TINY])
+    assert again.exit_code == 0, again.stderr
+    assert float_run.stat().st_mtime_ns == stamp  # the float model was reused, not retrained
+
+
+def test_quickstart_without_data_says_how_to_get_it(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["quickstart", "-q", "--out", str(tmp_path / "qs"), "--data-root", str(tmp_path), *TINY],
+    )
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "apt-get install -y dataset-fashion-mnist" in lines[0]
