@@ -1,7 +1,8 @@
-"""`mcn-compress report PATH [PATH ...]`: sizes (real files), counts and latency, side by side.
+"""`mcn-compress report PATH [PATH ...]`: sizes (real files), counts, latency and accuracy.
 
-Numbers come from `mcn_compress.report` (profiles); this module only renders them as a Rich
-table (one column per model), Markdown, JSON or CSV.
+Numbers come from `mcn_compress.report` (profiles, accuracy, training curves); this module only
+parses the options and renders the numbers as a Rich table (one column per model), Markdown,
+JSON or CSV, with a progress bar while models are evaluated.
 """
 
 from __future__ import annotations
@@ -9,16 +10,39 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from mcn_compress.cli._common import cli_errors, err, out, print_json
+from mcn_compress.errors import ConfigError
 from mcn_compress.report import LayerProfile, ModelProfile
+
+if TYPE_CHECKING:
+    from mcn_compress.recipe import DataRecipe
+
+
+class DataChoice(str, Enum):
+    """The recipe's ``data.dataset`` choices (`recipe.DatasetName`)."""
+
+    imagefolder = "imagefolder"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+    fashion_mnist = "fashion_mnist"
+    synthetic = "synthetic"
 
 
 class ReportFormat(str, Enum):
@@ -30,6 +54,10 @@ class ReportFormat(str, Enum):
 
 def _int(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _packed(p: ModelProfile) -> str:
@@ -60,6 +88,17 @@ LATENCY_ROW: tuple[str, Callable[[ModelProfile], str]] = (
     "latency ms/image",
     lambda p: "-" if p.latency_ms is None else f"{p.latency_ms:.2f}",
 )
+RUN_ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
+    ("run epochs", lambda p: _int(p.run_epochs)),
+    ("run final val top-1 %", lambda p: _percent(p.run_final_top1)),
+    ("run best val top-1 %", lambda p: _percent(p.run_best_top1)),
+]
+ACCURACY_ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
+    ("eval data", lambda p: p.eval_dataset or "-"),
+    ("eval images", lambda p: _int(p.eval_samples)),
+    ("top-1 %", lambda p: _percent(p.top1)),
+    ("top-5 %", lambda p: _percent(p.top5)),
+]
 LAYER_COLUMNS: list[tuple[str, Callable[[LayerProfile], str]]] = [
     ("layer", lambda r: r.name),
     ("kind", lambda r: r.kind),
@@ -71,8 +110,15 @@ LAYER_COLUMNS: list[tuple[str, Callable[[LayerProfile], str]]] = [
 
 
 def _rows(profiles: Sequence[ModelProfile]) -> list[tuple[str, Callable[[ModelProfile], str]]]:
-    with_latency = any(p.latency_ms is not None for p in profiles)
-    return [*ROWS, LATENCY_ROW] if with_latency else list(ROWS)
+    """The rows that have a value for some model: latency, run metrics, accuracy if measured."""
+    rows = list(ROWS)
+    if any(p.latency_ms is not None for p in profiles):
+        rows.append(LATENCY_ROW)
+    if any(p.run_dir is not None for p in profiles):
+        rows.extend(RUN_ROWS)
+    if any(p.eval_dataset is not None for p in profiles):
+        rows.extend(ACCURACY_ROWS)
+    return rows
 
 
 def summary_table(profiles: Sequence[ModelProfile]) -> Table:
@@ -160,10 +206,93 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
 
+class EvalProgress:
+    """A Rich progress display: a spinner while measuring, one bar per model evaluation."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(
+                f"top-1/top-5 {label}", total=total, unit="images"
+            )
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+def _progress(disable: bool) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=disable,
+    )
+
+
+#: option name of each recipe data key (for error messages)
+DATA_OPTIONS = {
+    "root": "--data-root",
+    "image_size": "--image-size",
+    "batch_size": "--batch-size",
+    "workers": "--workers",
+    "val_samples": "--val-samples",
+}
+
+
+def data_recipe(dataset: DataChoice | None, **options: Any) -> DataRecipe | None:
+    """The `DataRecipe` of the ``--data`` options (None without ``--data``); its validation
+    errors are reported with the option names."""
+    from mcn_compress.recipe import DataRecipe
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if dataset is None:
+        if given:
+            names = ", ".join(DATA_OPTIONS[k] for k in given)
+            raise ConfigError(f"{names} only apply with --data DATASET")
+        return None
+    try:
+        return DataRecipe(dataset=dataset.value, **given)
+    except ConfigError as exc:
+        problems = getattr(exc, "problems", None)
+        if not problems:
+            raise
+        raise ConfigError(
+            "; ".join(f"{DATA_OPTIONS.get(k, k)}: {m}" if k else m for k, m in problems)
+        ) from exc
+
+
+def _check_plot(plot: Path | None, paths: Sequence[Path]) -> None:
+    """Refuse --plot before any work: non-run paths, runs without metrics, missing matplotlib."""
+    from mcn_compress.report import RUN_METRICS, plot_format, read_run
+
+    if plot is None:
+        return
+    not_runs = [str(p) for p in paths if not p.is_dir()]
+    if not_runs:
+        raise ConfigError(
+            f"--plot draws training curves of run directories; {', '.join(not_runs)} "
+            f"{'is not one' if len(not_runs) == 1 else 'are not'}"
+        )
+    plot_format(plot)
+    for path in paths:
+        if not read_run(path).metrics:
+            raise ConfigError(f"--plot: {path / RUN_METRICS} is missing or empty: nothing to plot")
+
+
 def report_command(
     paths: Annotated[
         list[Path],
-        typer.Argument(help="MCN checkpoints (.pt) and packed files (.mcn).", show_default=False),
+        typer.Argument(
+            help="MCN checkpoints (.pt), packed files (.mcn) and fine-tuning run directories.",
+            show_default=False,
+        ),
     ],
     fmt: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = (
         ReportFormat.table
@@ -181,12 +310,63 @@ def report_command(
     float16: Annotated[
         bool, typer.Option("--float16", help="Measure packed files with float16 float parts.")
     ] = False,
+    data: Annotated[
+        DataChoice | None,
+        typer.Option(
+            "--data",
+            help="Also measure top-1/top-5 on this dataset's validation split.",
+            show_default=False,
+        ),
+    ] = None,
+    data_root: Annotated[
+        str | None,
+        typer.Option("--data-root", help="Dataset folder (recipe data.root).", show_default=False),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size", help="Image side for --data (default: dataset's).", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", help="Batch size for --data (default: 128).", show_default=False
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="Data loader workers for --data (default: 4).", show_default=False
+        ),
+    ] = None,
+    val_samples: Annotated[
+        int | None,
+        typer.Option(
+            "--val-samples",
+            help="Evaluate on a fixed random subset of this many validation images.",
+            show_default=False,
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Draw loss and top-1 per epoch of the run directories into this image "
+            "(needs the plot extra: matplotlib).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Report what each model costs, measured on real files written to a temp directory.
 
     For each model: architecture, K, width, layer and parameter counts, the float32 original's
     file, the packed file, the theoretical minimum (bits / 8 + 4 bytes per float value) and the
     compression ratio. The float original comes first, so before and after stand side by side.
+    A run directory of `mcn-compress finetune` is reported through its best.pt (else last.pt),
+    with the final and best validation top-1 of its metrics.jsonl. With --data, each model's
+    top-1 and top-5 accuracy on the validation split (the float original's only when its
+    weights file is known and still exists).
 
     Examples:
 
@@ -195,20 +375,39 @@ def report_command(
       mcn-compress report model.pt model.mcn --per-layer --format markdown
 
       mcn-compress report model.pt --latency --input-size 224 --format json
+
+      mcn-compress report runs/fmnist --data fashion_mnist --val-samples 1000
+
+      mcn-compress report runs/k4 runs/k2 --plot curves.png
     """
-    from mcn_compress.report import profile_paths
+    from mcn_compress.report import plot_training_curves, profile_paths
 
     with cli_errors():
-        with (
-            err.status("Measuring", spinner="dots") if fmt is ReportFormat.table else nullcontext()
-        ):
+        data_cfg = data_recipe(
+            data,
+            root=data_root,
+            image_size=image_size,
+            batch_size=batch_size,
+            workers=workers,
+            val_samples=val_samples,
+        )
+        _check_plot(plot, paths)
+        # machine formats stay quiet on stderr; a non-terminal gets no live display at all
+        quiet = fmt in (ReportFormat.json, ReportFormat.csv) or not err.is_interactive
+        with _progress(disable=quiet) as progress:
+            measuring = progress.add_task("measuring", total=None, unit="")
             profiles = profile_paths(
                 paths,
                 float16=float16,
                 per_layer=per_layer,
                 latency=latency,
                 input_size=input_size,
+                data=data_cfg,
+                progress=EvalProgress(progress),
             )
+            progress.remove_task(measuring)
+        if plot is not None:
+            plot_training_curves(paths, plot)
     if fmt is ReportFormat.json:
         print_json({"models": [p.to_dict() for p in profiles]})
     elif fmt is ReportFormat.csv:
