@@ -13,6 +13,7 @@ from mcn_compress.errors import (
 from mcn_compress.export import export_packed
 from mcn_compress.models import load_float_model
 from mcn_compress.nn import MCConv2d
+from mcn_compress.onnx_export import export_onnx
 from mcn_compress.summary import ConversionSummary, LayerRecord
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "ModelLoadError",
     "__version__",
     "convert",
+    "export_onnx",
     "export_packed",
     "load",
     "load_float_model",

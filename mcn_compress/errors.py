@@ -25,3 +25,7 @@ class CheckpointError(MCNError):
 
 class DataError(MCNError):
     """Training or evaluation data is missing, in an unknown layout, or malformed."""
+
+
+class ExportError(MCNError):
+    """A model, layer or operator cannot be exported in the requested format."""

@@ -1,7 +1,8 @@
-"""`mcn-compress export MODEL --format packed --out model.mcn`: ship a converted model."""
+"""`mcn-compress export MODEL --out PATH`: ship a converted model as a packed file or ONNX."""
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -19,12 +20,31 @@ class ExportFormat(str, Enum):
     onnx = "onnx"
 
 
+class OnnxWeights(str, Enum):
+    """How ONNX stores the converted convs' weights (`mcn_compress.onnx_export`)."""
+
+    packed = "packed"
+    folded = "folded"
+
+
 def _check_output(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise CheckpointError(f"--out {path} is a directory; give a file name such as model.mcn")
     if not parent.is_dir():
         raise CheckpointError(f"--out {path}: directory {parent} does not exist")
+
+
+def _parse_input_size(text: str | None) -> tuple[int, ...] | None:
+    """``224``, ``224,192`` or ``3,224,224`` (``x`` also separates) -> a tuple of ints."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(
+            f"--input-size {text!r}: give S, H,W or C,H,W as positive integers (e.g. 3,224,224)"
+        )
+    return tuple(int(p) for p in parts)
 
 
 def export_command(
@@ -38,47 +58,133 @@ def export_command(
     float16: Annotated[
         bool, typer.Option("--float16", help="Store the float parts as float16 (half size).")
     ] = False,
+    weights: Annotated[
+        OnnxWeights | None,
+        typer.Option(
+            "--weights",
+            help="ONNX only: packed = sign bits as uint8 unpacked in the graph (default); "
+            "folded = float Conv weights.",
+        ),
+    ] = None,
+    opset: Annotated[
+        int | None, typer.Option("--opset", help="ONNX only: opset version (11..20, default 18).")
+    ] = None,
+    input_size: Annotated[
+        str | None,
+        typer.Option(
+            "--input-size", help="ONNX only: S, H,W or C,H,W of one input (default: the model's)."
+        ),
+    ] = None,
+    dynamic_batch: Annotated[
+        bool, typer.Option("--dynamic-batch", help="ONNX only: symbolic batch dimension.")
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Export a converted model: packed = sign bits 8 per byte + float parts, no latent filters.
+    """Export a converted model: a packed 1-bit file, or ONNX that onnxruntime runs.
 
-    `mcn_compress.load` reads the packed file back; without --float16 its outputs are
-    identical to the checkpoint's.
+    packed: sign bits 8 per byte + float parts, no latent filters; `mcn_compress.load` reads it
+    back, and without --float16 its outputs are identical to the checkpoint's.
+
+    onnx: standard operators only. --weights packed keeps the sign bits as uint8 and unpacks them
+    in the graph (onnxruntime does it once, at session creation); --weights folded stores float
+    Conv weights. BatchNorm after a conv is folded in both.
 
     Examples:
 
       mcn-compress export model.pt --out model.mcn
 
       mcn-compress export model.pt --float16 -o model-fp16.mcn
+
+      mcn-compress export model.pt --format onnx --dynamic-batch -o model.onnx
+
+      mcn-compress export model.pt -f onnx --weights folded --input-size 3,160,160 -o m.onnx
     """
     from mcn_compress.export import export_packed, load_model_file
     from mcn_compress.report import size_bound, storage_counts
 
     with cli_errors():
-        if fmt is ExportFormat.onnx:
-            raise ConfigError("--format onnx is not implemented yet; use --format packed")
         _check_output(out_path)
-        model = load_model_file(model_path)
-        export_packed(model, out_path, float16=float16, parent=str(model_path))
-        size = out_path.stat().st_size
-        minimum = storage_counts(model, 2 if float16 else None).min_bytes
-    result = {
-        "input": str(model_path),
-        "out": str(out_path),
-        "format": fmt.value,
-        "float16": float16,
-        "bytes": size,
-        "min_bytes": minimum,
-        "bound_bytes": size_bound(minimum),
-        "input_bytes": model_path.stat().st_size,
-    }
+        if fmt is ExportFormat.onnx:
+            if float16:
+                raise ConfigError("--float16 applies to --format packed only")
+            size_hint = _parse_input_size(input_size)
+            model = load_model_file(model_path)
+            result = {
+                "input": str(model_path),
+                **_export_onnx(model, out_path, weights, opset, size_hint, dynamic_batch),
+            }
+        else:
+            onnx_only = [
+                flag
+                for flag, given in (
+                    ("--weights", weights is not None),
+                    ("--opset", opset is not None),
+                    ("--input-size", input_size is not None),
+                    ("--dynamic-batch", dynamic_batch),
+                )
+                if given
+            ]
+            if onnx_only:
+                verb = "applies" if len(onnx_only) == 1 else "apply"
+                raise ConfigError(f"{', '.join(onnx_only)} {verb} to --format onnx only")
+            model = load_model_file(model_path)
+            export_packed(model, out_path, float16=float16, parent=str(model_path))
+            size = out_path.stat().st_size
+            minimum = storage_counts(model, 2 if float16 else None).min_bytes
+            result = {
+                "input": str(model_path),
+                "out": str(out_path),
+                "format": fmt.value,
+                "float16": float16,
+                "bytes": size,
+                "min_bytes": minimum,
+                "bound_bytes": size_bound(minimum),
+            }
+    result["input_bytes"] = model_path.stat().st_size
     if json_output:
         print_json(result)
-    elif not quiet:
+    elif quiet:
+        return
+    elif fmt is ExportFormat.onnx:
         out.print(
-            f"wrote {out_path}: {size:,} bytes (theoretical minimum {minimum:,}, "
-            f"+{size / minimum - 1:.2%}); {model_path} was {result['input_bytes']:,} bytes",
+            f"wrote {out_path}: {result['bytes']:,} bytes, {result['weights']} weights "
+            f"({result['packed_layers']} layers as sign bits, {result['folded_batchnorms']} "
+            f"BatchNorms folded), opset {result['opset']}, input "
+            f"{'x'.join(str(d) for d in result['input_shape'])}"
+            f"{' (dynamic batch)' if result['dynamic_batch'] else ''}; {model_path} was "
+            f"{result['input_bytes']:,} bytes",
             soft_wrap=True,
             markup=False,
         )
+    else:
+        minimum = result["min_bytes"]
+        out.print(
+            f"wrote {out_path}: {result['bytes']:,} bytes (theoretical minimum {minimum:,}, "
+            f"+{result['bytes'] / minimum - 1:.2%}); {model_path} was "
+            f"{result['input_bytes']:,} bytes",
+            soft_wrap=True,
+            markup=False,
+        )
+
+
+def _export_onnx(
+    model: object,
+    out_path: Path,
+    weights: OnnxWeights | None,
+    opset: int | None,
+    input_size: tuple[int, ...] | None,
+    dynamic_batch: bool,
+) -> dict[str, object]:
+    """Call the library's ONNX exporter; returns the JSON-ready result."""
+    from mcn_compress.onnx_export import DEFAULT_OPSET, export_onnx
+
+    result = export_onnx(
+        model,  # type: ignore[arg-type]
+        out_path,
+        weights=(weights or OnnxWeights.packed).value,
+        opset=DEFAULT_OPSET if opset is None else opset,
+        input_size=input_size,
+        dynamic_batch=dynamic_batch,
+    )
+    return {**result.to_dict(), "format": ExportFormat.onnx.value}
