@@ -32,9 +32,11 @@ def quickstart_command(
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a small float CNN on Fashion-MNIST, convert it to an MCN, fine-tune, and show
-    accuracy and real file sizes side by side. Nothing is downloaded; a float model trained
-    earlier in the same --out folder is reused.
+    """The whole job on Fashion-MNIST, offline: float CNN -> MCN -> fine-tune -> packed file.
+
+    Trains a small float CNN, converts it to an MCN, fine-tunes it and shows accuracy and
+    real file sizes side by side. A float model trained earlier in the same --out folder is
+    reused.
 
     Needs the data: apt-get install -y dataset-fashion-mnist
     """
