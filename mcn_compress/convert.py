@@ -22,6 +22,7 @@ from torch import nn
 
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import ConversionError
+from mcn_compress.models import declared_classifier
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.summary import ConversionSummary, LayerRecord
 from mcn_compress.tracing import called_modules, trace
@@ -55,22 +56,16 @@ class ModelGraphInfo:
 
 def _classifier_names(model: nn.Module, module_order: Sequence[str]) -> frozenset[str]:
     """Names of the classifier module(s): timm's `get_classifier()` or the last Linear/Conv2d."""
-    names = {id(m): name for name, m in model.named_modules()}
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        try:
-            head = get_classifier()
-        except Exception:  # noqa: BLE001 - any failure means "no usable answer"
-            head = None
-        if isinstance(head, nn.Module):
-            base = names.get(id(head))
-            if base is not None:
-                return frozenset(
-                    f"{base}.{sub}" if sub else base
-                    for sub, m in head.named_modules()
-                    if isinstance(m, nn.Conv2d | nn.Linear)
-                )
+    head = declared_classifier(model)
+    if head is not None:
+        base = {id(m): name for name, m in model.named_modules()}.get(id(head))
+        if base is None:
             return frozenset()
+        return frozenset(
+            f"{base}.{sub}" if sub else base
+            for sub, m in head.named_modules()
+            if isinstance(m, nn.Conv2d | nn.Linear)
+        )
     modules = dict(model.named_modules())
     heads = [n for n in module_order if isinstance(modules.get(n), nn.Conv2d | nn.Linear)]
     return frozenset(heads[-1:])
@@ -299,30 +294,11 @@ def convert(
 
 
 def _build_layer(conv: nn.Conv2d, config: MCNConfig, initialize: bool) -> MCConv2d:
+    options = {"planes": config.planes, "mcn1": config.mcn1, "clip": config.clip}
     if initialize:
-        mc = MCConv2d.from_conv2d(
-            conv,
-            planes=config.planes,
-            mcn1=config.mcn1,
-            clip=config.clip,
-            init_iters=config.init_iters,
-        )
+        mc = MCConv2d.from_conv2d(conv, init_iters=config.init_iters, **options)
     else:
-        mc = MCConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            planes=config.planes,
-            mcn1=config.mcn1,
-            clip=config.clip,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
+        mc = MCConv2d.like_conv2d(conv, **options)
     mc.train(conv.training)
     return mc
 
