@@ -17,10 +17,11 @@ class MCNConfig:
     """Settings of the conversion pass.
 
     Args:
-        planes: K, the number of M-Filter planes (DESIGN.md section 2). Every converted conv
-            needs input and output channel counts divisible by K.
+        planes: K, the number of M-Filter planes (DESIGN.md section 2). In width keep every
+            converted conv needs input and output channel counts divisible by K.
         width: ``"keep"`` (tensor shapes unchanged, 1/(32K) of the conv bits) or ``"expand"``
-            (the paper's widened network; not implemented yet).
+            (the paper's widened network: every filter stays a binary filter, tensors K times
+            wider, K^2 times the conv FLOPs; see `mcn_compress.expand`).
         mcn1: MCNs-1 variant: each M plane is one scalar instead of a kh x kw matrix.
         clip: straight-through estimator clip; the sign's gradient passes where |C| <= clip.
         include: regular expressions on module names; when given, only matching convs convert.
@@ -47,10 +48,6 @@ class MCNConfig:
             raise ConfigError(f"planes (K) must be a positive integer, got {self.planes!r}")
         if self.width not in WIDTHS:
             raise ConfigError(f"width must be one of {', '.join(WIDTHS)}, got {self.width!r}")
-        if self.width == "expand":
-            raise ConfigError(
-                "width 'expand' is not implemented yet; use width 'keep' (the default)"
-            )
         if not self.clip > 0:
             raise ConfigError(f"clip must be positive, got {self.clip!r}")
         if isinstance(self.init_iters, bool) or not isinstance(self.init_iters, int):

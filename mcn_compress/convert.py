@@ -227,7 +227,8 @@ def convert(
 
     Returns:
         The converted model, with ``mcn_config`` (`MCNConfig`) and ``mcn_summary``
-        (`ConversionSummary`) attributes.
+        (`ConversionSummary`) attributes. With ``width="expand"`` it is an `fx.GraphModule`
+        built by `mcn_compress.expand.expand_model` (the original class's methods are not kept).
 
     Example:
         >>> import timm
@@ -236,6 +237,18 @@ def convert(
         19
     """
     config = config or MCNConfig()
+    if config.width == "expand":
+        from mcn_compress.expand import expand_model
+
+        return expand_model(
+            model,
+            config,
+            calibration=calibration,
+            calibration_batches=calibration_batches,
+            layers=layers,
+            initialize=initialize,
+            progress=progress,
+        )
     info = analyse_model(model)
     modules = dict(model.named_modules())
     if layers is None:

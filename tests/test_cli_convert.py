@@ -158,11 +158,34 @@ def test_bad_planes(k: str, tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_expand_not_yet(tmp_path: Path) -> None:
+def test_expand_width_converts_and_reloads(tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
     result = _run(
-        "convert", "resnet10t", "--no-pretrained", "--width", "expand", "-o", str(tmp_path / "m.pt")
+        "convert",
+        "resnet10t",
+        "--no-pretrained",
+        "--width",
+        "expand",
+        "-k",
+        "2",
+        "-o",
+        str(out),
+        "--json",
     )
-    _assert_one_line_error(result, "expand")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["width"] == "expand"
+    model = load(out)
+    layer = model.get_submodule("layer1.0.conv1")
+    assert isinstance(layer, MCConv2d) and layer.in_channels == 2 * 64
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
+def test_unknown_width(tmp_path: Path) -> None:
+    result = _run(
+        "convert", "resnet10t", "--no-pretrained", "--width", "wide", "-o", str(tmp_path / "m.pt")
+    )
+    _assert_one_line_error(result, "width must be one of keep, expand")
 
 
 def test_nothing_convertible(tmp_path: Path) -> None:
