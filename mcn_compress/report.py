@@ -128,6 +128,7 @@ class ModelProfile:
     eval_samples: int | None = None
     top1: float | None = None
     top5: float | None = None
+    conv_macs: int | None = None
     layers: list[LayerProfile] | None = field(default=None, repr=False)
 
     @property
@@ -186,6 +187,7 @@ class ModelProfile:
             "eval_samples": self.eval_samples,
             "top1": self.top1,
             "top5": self.top5,
+            "conv_macs": self.conv_macs,
         }
         if self.layers is not None:
             data["layers"] = [layer.to_dict() for layer in self.layers]
@@ -323,6 +325,34 @@ def layer_profiles(model: nn.Module, reference: nn.Module | None = None) -> list
             kind = type(module).__name__
         rows.append(LayerProfile(name or "(root)", kind, shape, bits, floats, rel_error))
     return rows
+
+
+def conv_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int | None:
+    """Multiply-accumulates of every conv (float or MCN) for one image of ``input_shape``:
+    output elements x (in_channels / groups) x kh x kw. In ``width: expand`` this shows the
+    K^2 cost of the widened convs. None when the model does not run on such an input."""
+    total = 0
+
+    def count(module: nn.Module, _: object, output: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = module.kernel_size  # type: ignore[misc]
+        per_image = output.numel() // output.shape[0]
+        total += per_image * (module.in_channels // module.groups) * kh * kw  # type: ignore[operator]
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d | MCConv2d)]
+    handles = [m.register_forward_hook(count) for m in convs]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    except Exception as exc:  # noqa: BLE001 - any failure: MACs are simply not reported
+        _logger.info("conv MACs not measured: %s", exc)
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(training)
+    return total
 
 
 def default_input_shape(model: nn.Module, input_size: int | None = None) -> tuple[int, int, int]:
@@ -702,6 +732,10 @@ def profile_model(
     counts = storage_counts(model, 2 if float16 else None if is_mcn else 4)
     source = getattr(model, "mcn_source", None)
     config = getattr(model, "mcn_config", None)
+    float_model: nn.Module | None = model
+    if is_mcn and config is not None and config.width == "expand":
+        # folding widened convs would count K^2 too much: measure the rebuilt float original
+        float_model = _float_original(source, False) if isinstance(source, ModelSource) else None
     profile = ModelProfile(
         label=label,
         kind="mcn" if is_mcn else "float",
@@ -716,13 +750,14 @@ def profile_model(
         binary_params=counts.binary_params,
         float_params=counts.float_params,
         float_buffers=counts.float_buffers,
-        float32_bytes=float32_file_bytes(model),
+        float32_bytes=float32_file_bytes(float_model if float_model is not None else model),
         packed_bytes=packed_file_bytes(model, float16) if is_mcn else None,
         min_bytes=counts.min_bytes,
         float16=float16,
         path=str(path) if path is not None else None,
         input_bytes=Path(path).stat().st_size if path is not None else None,
     )
+    profile.conv_macs = conv_macs(model, default_input_shape(model, input_size))
     if per_layer:
         profile.layers = layer_profiles(model, reference)
     if latency:

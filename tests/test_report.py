@@ -719,3 +719,46 @@ def test_profile_to_dict_round_trips_json(files: dict[str, Any]) -> None:
     data = json.loads(json.dumps([p.to_dict() for p in profiles]))
     assert data[1]["packed_bytes"] == files["packed"].stat().st_size
     assert isinstance(profiles[1], ModelProfile)
+
+
+def test_expand_report_counts_float_original_and_k_squared_macs(tmp_path: Path) -> None:
+    """width expand: the float original's size is the unwidened model's; conv MACs grow ~K^2."""
+    from mcn_compress import MCNConfig, convert, load_float_model, save
+
+    float_model = load_float_model("mcn_resnet_small", pretrained=False).eval()
+    expected_float_bytes = 4 * sum(
+        v.numel() for v in float_model.state_dict().values() if v.is_floating_point()
+    )
+
+    def naive_macs(model: torch.nn.Module) -> int:
+        total = 0
+
+        def hook(mod: torch.nn.Module, _: object, out: torch.Tensor) -> None:
+            nonlocal total
+            total += out[0].numel() * mod.weight[0].numel()
+
+        handles = [
+            m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+        ]
+        with torch.no_grad():
+            model(torch.zeros(1, 1, 28, 28))
+        for h in handles:
+            h.remove()
+        return total
+
+    keep_macs = naive_macs(float_model)
+    profiles = {}
+    for width in ("keep", "expand"):
+        path = save(
+            convert(float_model, MCNConfig(planes=2, width=width)), tmp_path / f"{width}.pt"
+        )
+        result = CliRunner().invoke(app, ["report", str(path), "--format", "json"])
+        assert result.exit_code == 0, result.stderr
+        rows = json.loads(result.stdout)["models"]
+        profiles[width] = next(r for r in rows if r["kind"] == "mcn")
+    for width in ("keep", "expand"):
+        got = profiles[width]["float32_bytes"]
+        assert expected_float_bytes <= got <= expected_float_bytes + 16 * 1024, width
+    assert profiles["keep"]["conv_macs"] == keep_macs
+    ratio = profiles["expand"]["conv_macs"] / keep_macs
+    assert 3.5 < ratio <= 4.0  # K^2 = 4 on the converted convs; the float stem is not widened

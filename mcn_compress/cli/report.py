@@ -83,6 +83,7 @@ ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
     ("overhead vs min", lambda p: f"{p.overhead:+.2%}"),
     ("within 1% + 16 KiB", lambda p: "yes" if p.within_bound else "NO"),
     ("compression vs float32", lambda p: f"{p.ratio:.2f}x"),
+    ("conv MACs per image", lambda p: _int(p.conv_macs)),
 ]
 LATENCY_ROW: tuple[str, Callable[[ModelProfile], str]] = (
     "latency ms/image",
