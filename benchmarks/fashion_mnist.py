@@ -31,6 +31,11 @@ VARIANTS = {
         {"planes": 1, "mcn1": True},
         loss={"theta": 0.0, "lambda_center": 0.0},
     ),
+    "k4-distill": Variant(
+        "MCN keep K=4 + distillation from the float model (0.5, T=4)",
+        {"planes": 4},
+        loss={"distill": 0.5, "temperature": 4.0},
+    ),
     "k4-nofilter": Variant(
         "MCN keep K=4, no filter loss (theta=0)", {"planes": 4}, loss={"theta": 0.0}
     ),

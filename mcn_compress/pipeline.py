@@ -70,6 +70,8 @@ def _recipe(
     }
     if weights is not None:
         model["weights"] = str(weights)
+    if loss.get("distill", 0) > 0:
+        model["teacher"] = "original"  # the float model the MCN was converted from
     data: dict[str, Any] = {
         "dataset": "fashion_mnist",
         "batch_size": budget.batch_size,

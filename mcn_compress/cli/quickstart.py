@@ -81,16 +81,16 @@ def quickstart_command(
     for name in ("model", "val top-1", "file", "bytes", "vs float"):
         table.add_column(name, justify="right" if name != "model" else "left")
     table.add_row(
-        f"float32, {pretrain_epochs} epochs",
+        f"float32 ({pretrain_epochs} ep)",
         f"{result.float_top1:.2f}",
-        "(state dict)",
+        "-",
         f"{result.float_bytes:,}",
         "1.0x",
     )
     table.add_row(
-        f"MCN K={planes}, +{epochs} epochs",
+        f"MCN K={planes} (+{epochs} ep)",
         f"{result.mcn_top1:.2f}",
-        str(result.packed_path),
+        result.packed_path.name,
         f"{result.packed_bytes:,}",
         f"{result.ratio:.1f}x smaller",
     )
