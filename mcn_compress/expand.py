@@ -593,25 +593,9 @@ def widen_mcconv(
     With ``initialize`` the latent C and M come from `fit_expanded`; the bias is repeated over
     the K planes of every output map.
     """
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
     k = config.planes
     w0 = conv.weight.detach()
-    mc = MCConv2d(
-        conv.in_channels * k,
-        conv.out_channels * k,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None,
-        planes=k,
-        mcn1=config.mcn1,
-        clip=config.clip,
-        device=w0.device,
-        dtype=w0.dtype,
-    )
+    mc = MCConv2d.like_conv2d(conv, planes=k, mcn1=config.mcn1, clip=config.clip, widen=k)
     if initialize:
         latent, mfilter = fit_expanded(w0, k, config.mcn1, config.init_iters, spread)
         with torch.no_grad():

@@ -162,14 +162,20 @@ class MCConv2d(nn.Module):
     # --- conversions -----------------------------------------------------------------------
     @classmethod
     def like_conv2d(
-        cls, conv: nn.Conv2d, planes: int = 4, mcn1: bool = False, clip: float = 1.0
+        cls,
+        conv: nn.Conv2d,
+        planes: int = 4,
+        mcn1: bool = False,
+        clip: float = 1.0,
+        widen: int = 1,
     ) -> MCConv2d:
-        """A freshly initialised MCConv2d with ``conv``'s geometry, device and dtype."""
+        """A freshly initialised MCConv2d with ``conv``'s geometry, device and dtype; channel
+        counts multiplied by ``widen`` (``width: expand`` uses ``widen = K``)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
         return cls(
-            conv.in_channels,
-            conv.out_channels,
+            conv.in_channels * widen,
+            conv.out_channels * widen,
             conv.kernel_size,
             stride=conv.stride,
             padding=conv.padding,
