@@ -31,6 +31,8 @@ VARIANTS = {
         {"planes": 1, "mcn1": True},
         loss={"theta": 0.0, "lambda_center": 0.0},
     ),
+    "exp2": Variant("MCN expand K=2", {"planes": 2, "width": "expand"}),
+    "exp4": Variant("MCN expand K=4", {"planes": 4, "width": "expand"}),
     "k4-distill": Variant(
         "MCN keep K=4 + distillation from the float model (0.5, T=4)",
         {"planes": 4},
@@ -55,7 +57,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated keys")
+    parser.add_argument(
+        "--variants",
+        default=",".join(k for k in VARIANTS if not k.startswith("exp")),
+        help=f"comma-separated keys of: {', '.join(VARIANTS)} (expand is K^2 slower: opt-in)",
+    )
     parser.add_argument(
         "--set",
         action="append",

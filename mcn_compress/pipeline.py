@@ -187,7 +187,8 @@ def finetune_variant(
     start_top1 = trainer.evaluate()[1] if variant.convert else None
     result = _fit(trainer)
     last = result.history[-1]
-    float_bits, mcn_bits = conv_bits(trainer.model)
+    mcn_bits = conv_bits(trainer.model)
+    float_bits = conv_bits(_float_model(budget))  # the unwidened original, also for expand
     return VariantResult(
         label=variant.label,
         top1=last.val_top1,
@@ -200,19 +201,18 @@ def finetune_variant(
     )
 
 
-def conv_bits(model: torch.nn.Module) -> tuple[int, int]:
-    """(float32 bits of every conv weight, bits after conversion: 1 per sign, 32 per float)."""
+def conv_bits(model: torch.nn.Module) -> int:
+    """Bits of every conv weight of ``model``: 1 per sign and 32 per M value of an `MCConv2d`,
+    32 per weight of a float conv (DESIGN.md section 6)."""
     from mcn_compress.nn.mcconv import MCConv2d
 
-    float_bits = mcn_bits = 0
+    bits = 0
     for module in model.modules():
         if isinstance(module, MCConv2d):
-            float_bits += 32 * module.out_channels * module.weight[0].numel()
-            mcn_bits += module.weight.numel() + 32 * module.mfilter.numel()
+            bits += module.weight.numel() + 32 * module.mfilter.numel()
         elif isinstance(module, torch.nn.Conv2d):
-            float_bits += 32 * module.weight.numel()
-            mcn_bits += 32 * module.weight.numel()
-    return float_bits, mcn_bits
+            bits += 32 * module.weight.numel()
+    return bits
 
 
 def run_comparison(
