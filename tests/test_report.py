@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from synthetic_run import synthetic_recipe
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from typer.testing import CliRunner
@@ -75,36 +76,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"float": float_model, "ckpt": ckpt, "packed": packed, "root": root}
 
 
-def _run_recipe(run_dir: Path) -> dict[str, Any]:
-    """A ~5-second synthetic fine-tuning run (as in tests/test_train.py)."""
-    return {
-        "model": {
-            "name": "mcn_resnet_small",
-            "pretrained": False,
-            "num_classes": 4,
-            "in_chans": 1,
-            "convert": {"planes": 4},
-        },
-        "data": {
-            "dataset": "synthetic",
-            "image_size": 28,
-            "batch_size": 32,
-            "workers": 0,
-            "train_samples": 128,
-            "val_samples": 64,
-        },
-        "optim": {"epochs": 2, "lr": 2e-3, "warmup_epochs": 1},
-        "loss": {"theta": 1e-3, "lambda_center": 1e-2, "alpha": 0.5},
-        "runtime": {"seed": 3},
-        "output": {"dir": str(run_dir)},
-    }
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory written by a real (short) `Trainer` run."""
     root = tmp_path_factory.mktemp("runs") / "run"
-    trainer = Trainer(recipe_from_dict(_run_recipe(root)))
+    trainer = Trainer(recipe_from_dict(synthetic_recipe(root)))
     trainer.fit()
     trainer.close()
     return root

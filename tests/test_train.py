@@ -14,36 +14,13 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from synthetic_run import synthetic_recipe
 from typer.testing import CliRunner
 
 from mcn_compress import load
 from mcn_compress.cli import app
 from mcn_compress.recipe import load_recipe, recipe_from_dict
 from mcn_compress.train import EpochMetrics, Trainer, TrainingDiverged, lr_factor, topk_correct
-
-
-def _recipe(run_dir: Path, **optim: Any) -> dict[str, Any]:
-    return {
-        "model": {
-            "name": "mcn_resnet_small",
-            "pretrained": False,
-            "num_classes": 4,
-            "in_chans": 1,
-            "convert": {"planes": 4},
-        },
-        "data": {
-            "dataset": "synthetic",
-            "image_size": 28,
-            "batch_size": 32,
-            "workers": 0,
-            "train_samples": 128,
-            "val_samples": 64,
-        },
-        "optim": {"epochs": 2, "lr": 2e-3, "warmup_epochs": 1, **optim},
-        "loss": {"theta": 1e-3, "lambda_center": 1e-2, "alpha": 0.5},
-        "runtime": {"seed": 3},
-        "output": {"dir": str(run_dir)},
-    }
 
 
 class _Recorder:
@@ -81,7 +58,7 @@ def _strip_timing(rows: list[EpochMetrics]) -> list[dict[str, float]]:
 
 def test_cli_run_directory(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(_recipe(tmp_path / "run")))
+    path.write_text(yaml.safe_dump(synthetic_recipe(tmp_path / "run")))
     result = CliRunner().invoke(
         app,
         [
@@ -115,12 +92,12 @@ def test_cli_run_directory(tmp_path: Path) -> None:
 
 
 def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path: Path) -> None:
-    full = Trainer(recipe_from_dict(_recipe(tmp_path / "full")))
+    full = Trainer(recipe_from_dict(synthetic_recipe(tmp_path / "full")))
     expected = full.fit()
     expected_state = {k: v.clone() for k, v in full.model.state_dict().items()}
     full.close()
 
-    spec = recipe_from_dict(_recipe(tmp_path / "cut"))
+    spec = recipe_from_dict(synthetic_recipe(tmp_path / "cut"))
     stopper = _Recorder(at=(0, 2), action=lambda: os.kill(os.getpid(), signal.SIGINT))
     first = Trainer(spec, callbacks=stopper)
     result = first.fit()
@@ -141,7 +118,7 @@ def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_and_keeps_last_good(tmp_path: Path) -> None:
-    spec = recipe_from_dict(_recipe(tmp_path / "run"))
+    spec = recipe_from_dict(synthetic_recipe(tmp_path / "run"))
 
     def poison() -> None:
         with torch.no_grad():
@@ -159,7 +136,7 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path: Path) -> None:
 
 
 def test_lr_schedule_matches_formulas() -> None:
-    spec = recipe_from_dict(_recipe(Path("unused"), epochs=4, warmup_epochs=1))
+    spec = recipe_from_dict(synthetic_recipe(Path("unused"), epochs=4, warmup_epochs=1))
     total, warm = 40, 10
     for step in range(total):
         if step < warm:
@@ -168,7 +145,9 @@ def test_lr_schedule_matches_formulas() -> None:
             expected = 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
         assert lr_factor(step, total, warm, spec) == pytest.approx(expected)
     step_spec = recipe_from_dict(
-        _recipe(Path("unused"), epochs=4, warmup_epochs=0, schedule="step", milestones=[2, 3])
+        synthetic_recipe(
+            Path("unused"), epochs=4, warmup_epochs=0, schedule="step", milestones=[2, 3]
+        )
     )
     got = [lr_factor(s, 40, 0, step_spec) for s in (0, 19, 20, 29, 30, 39)]
     assert got == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
@@ -183,7 +162,7 @@ def test_topk_correct_naive() -> None:
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(_recipe(tmp_path / "none")))
+    path.write_text(yaml.safe_dump(synthetic_recipe(tmp_path / "none")))
     result = CliRunner().invoke(app, ["finetune", "--recipe", str(path), "--resume"])
     assert result.exit_code == 1
     assert "cannot resume" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -207,7 +186,7 @@ trainer.close()
 
 
 def test_two_process_gloo(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path / "run")
+    recipe = synthetic_recipe(tmp_path / "run")
     recipe["optim"].update(epochs=1, warmup_epochs=0)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
