@@ -23,6 +23,7 @@ from torch import nn
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import ConversionError
 from mcn_compress.models import declared_classifier
+from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.summary import ConversionSummary, LayerRecord
 from mcn_compress.tracing import called_modules, trace
@@ -169,13 +170,6 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
-def _relative_error(w0: torch.Tensor, q: torch.Tensor) -> float:
-    norm = torch.linalg.vector_norm(w0.float())
-    if norm == 0:
-        return 0.0
-    return float(torch.linalg.vector_norm((w0 - q).float()) / norm)
-
-
 def _record(
     name: str,
     conv: nn.Conv2d,
@@ -186,7 +180,7 @@ def _record(
     rel_error = None
     if mc is not None and initialised:
         with torch.no_grad():
-            rel_error = _relative_error(conv.weight, mc.reconstruct())
+            rel_error = relative_error(conv.weight, mc.reconstruct()) or 0.0
     return LayerRecord(
         name=name,
         in_channels=conv.in_channels,

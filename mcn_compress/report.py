@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mcn_compress.errors import CheckpointError, ConfigError, DataError, MCNError
 from mcn_compress.models import ModelSource, build_model, load_weights
+from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
 
 if TYPE_CHECKING:
@@ -286,12 +287,7 @@ def packed_file_bytes(model: nn.Module, float16: bool = False) -> int:
 
 # --- per layer and latency ------------------------------------------------------------------
 def _relative_error(w0: torch.Tensor, q: torch.Tensor) -> float | None:
-    if w0.shape != q.shape:
-        return None
-    norm = torch.linalg.vector_norm(w0.double())
-    if norm == 0:
-        return None
-    return float(torch.linalg.vector_norm(w0.double() - q.double()) / norm)
+    return relative_error(w0, q) if w0.shape == q.shape else None
 
 
 def layer_profiles(model: nn.Module, reference: nn.Module | None = None) -> list[LayerProfile]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -112,7 +113,7 @@ def convert_command(
         _check_writable(out_path)
         if calibrate_data is not None and not calibrate_data.is_dir():
             raise ConfigError(f"--calibrate-data {calibrate_data} is not a directory")
-        with err.status(f"Loading {model}", spinner="dots") if show else _null():
+        with err.status(f"Loading {model}", spinner="dots") if show else contextlib.nullcontext():
             float_model = load_float_model(
                 model,
                 pretrained=pretrained,
@@ -150,11 +151,3 @@ def convert_command(
     elif show:
         out.print(layer_table(summary))
         out.print(summary_table(summary, title=f"{model} -> {out_path}"))
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None

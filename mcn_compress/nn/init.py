@@ -83,3 +83,11 @@ def latent_from_fit(
     flat = signs.to(compute_dtype).reshape(grouped.shape) * target
     latent = torch.where(scale_den > 0, scaled, flat).reshape(h, cin, kh, kw)
     return latent.to(w0.dtype)
+
+
+def relative_error(w0: torch.Tensor, q: torch.Tensor) -> float | None:
+    """``||W0 - Q|| / ||W0||`` (DESIGN.md section 2), in float64; None when ``W0`` is zero."""
+    norm = torch.linalg.vector_norm(w0.detach().double())
+    if norm == 0:
+        return None
+    return float(torch.linalg.vector_norm(w0.detach().double() - q.detach().double()) / norm)
