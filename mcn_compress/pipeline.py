@@ -128,9 +128,7 @@ def pretrain_float(
     )
     if _finished(run_dir, budget.pretrain_epochs):
         _logger.info("reusing the float model in %s", run_dir)
-        history = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
-        rows = [EpochMetrics(**m) for m in history["train_state"]["history"]]
-        return run_dir / LAST, rows
+        return run_dir / LAST, _history(run_dir)
     trainer = Trainer(recipe, callbacks=callbacks, model=_float_model(budget))
     result = _fit(trainer)
     return run_dir / LAST, result.history
