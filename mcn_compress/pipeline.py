@@ -6,16 +6,17 @@ on Debian's ``dataset-fashion-mnist`` files (DESIGN.md section 5) and on a CPU.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mcn_compress.errors import MCNError
-from mcn_compress.recipe import Recipe, recipe_from_dict
+from mcn_compress.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from mcn_compress.train import LAST, EpochMetrics, TrainCallbacks, Trainer, TrainResult
 
 _logger = logging.getLogger(__name__)
@@ -172,7 +173,11 @@ def finetune_variant(
     run_dir: Path,
     callbacks: TrainCallbacks | None = None,
 ) -> VariantResult:
-    """Fine-tune one variant from the float weights for ``budget.epochs`` epochs."""
+    """Fine-tune one variant from the float weights for ``budget.epochs`` epochs.
+
+    A finished run of the same resolved recipe (output folder aside) in ``run_dir`` is reused,
+    not trained again.
+    """
     loss = (
         {**MCN_LOSS, **variant.loss}
         if variant.convert
@@ -180,6 +185,10 @@ def finetune_variant(
     )
     optim = {**(MCN_OPTIM if variant.convert else FLOAT_OPTIM), **variant.optim}
     recipe = _recipe(budget, run_dir, budget.epochs, variant.convert, float_weights, loss, optim)
+    reused = _finished_variant(run_dir, recipe, variant.label)
+    if reused is not None:
+        _logger.info("reusing the finished run in %s", run_dir)
+        return reused
     model = None if variant.convert else _float_model(budget, float_weights)
     trainer = Trainer(recipe, callbacks=callbacks, model=model)
     start_top1 = trainer.evaluate()[1] if variant.convert else None
@@ -187,7 +196,7 @@ def finetune_variant(
     last = result.history[-1]
     mcn_bits = conv_bits(trainer.model)
     float_bits = conv_bits(_float_model(budget))  # the unwidened original, also for expand
-    return VariantResult(
+    outcome = VariantResult(
         label=variant.label,
         top1=last.val_top1,
         top5=last.val_top5,
@@ -197,6 +206,42 @@ def finetune_variant(
         after_conversion_top1=start_top1,
         run_dir=run_dir,
     )
+    _save_variant(outcome)
+    return outcome
+
+
+_VARIANT_FILE = "variant.json"
+
+
+def _save_variant(result: VariantResult) -> None:
+    from mcn_compress.checkpoint import atomic_write
+
+    data = {**asdict(result), "run_dir": str(result.run_dir)}
+    text = json.dumps(data, indent=2)
+    atomic_write(result.run_dir / _VARIANT_FILE, lambda tmp: tmp.write_text(text))
+
+
+def _finished_variant(run_dir: Path, recipe: Recipe, label: str) -> VariantResult | None:
+    """The saved result of a finished run of exactly ``recipe`` in ``run_dir``, else None."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        data = json.loads((run_dir / _VARIANT_FILE).read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    wanted = recipe_to_dict(recipe)
+    if not isinstance(saved, dict) or not _finished(run_dir, recipe.optim.epochs):
+        return None
+    # The folder may have been moved or copied: compare everything but output.dir.
+    saved.get("output", {}).pop("dir", None)
+    wanted["output"].pop("dir", None)
+    if saved != wanted:
+        return None
+    try:
+        return VariantResult(**{**data, "label": label, "run_dir": run_dir})
+    except TypeError:  # written by another version
+        return None
 
 
 def conv_bits(model: torch.nn.Module) -> int:

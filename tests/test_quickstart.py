@@ -41,11 +41,19 @@ def test_quickstart_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert data["compression"] > 10
     assert 0 <= data["mcn_top1"] <= 100 and 0 <= data["float_top1"] <= 100
     assert type(load(packed)).__name__ == "SmallResNet"
-    float_run = out / "float" / "last.pt"
-    stamp = float_run.stat().st_mtime_ns
-    again = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--quiet", *TINY])
+    float_run, mcn_run = out / "float" / "last.pt", out / "mcn" / "last.pt"
+    float_stamp, mcn_stamp = float_run.stat().st_mtime_ns, mcn_run.stat().st_mtime_ns
+    again = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--json", *TINY])
     assert again.exit_code == 0, again.stderr
-    assert float_run.stat().st_mtime_ns == stamp  # the float model was reused, not retrained
+    assert float_run.stat().st_mtime_ns == float_stamp  # the float model was reused
+    assert mcn_run.stat().st_mtime_ns == mcn_stamp  # same recipe, finished: reused too
+    assert json.loads(again.stdout)["mcn_top1"] == data["mcn_top1"]
+    # A different MCN recipe (K=2) must train again, from the same float model.
+    other = CliRunner().invoke(app, ["quickstart", "--out", str(out), "-q", "-k", "2", *TINY])
+    assert other.exit_code == 0, other.stderr
+    assert float_run.stat().st_mtime_ns == float_stamp
+    assert mcn_run.stat().st_mtime_ns != mcn_stamp
+    assert load(mcn_run).get_submodule("stages.0.conv1").planes == 2
 
 
 def test_quickstart_without_data_says_how_to_get_it(tmp_path: Path) -> None:
