@@ -70,6 +70,28 @@ def test_every_shipped_recipe_validates(path: Path) -> None:
     assert recipe.model.name is not None and isinstance(recipe.model.convert, MCNConfig)
 
 
+def test_fashion_mnist_recipe_uses_the_benchmark_winners() -> None:
+    """The shipped recipe and the quickstart/benchmark pipeline must not drift apart."""
+    from mcn_compress.pipeline import MCN_LOSS, MCN_OPTIM, mcn_warmup_epochs
+
+    recipe = load_recipe(next(p for p in RECIPES if p.name == "fashion-mnist.yaml"))
+    assert recipe.optim.optimizer == MCN_OPTIM["optimizer"]
+    assert recipe.optim.lr == pytest.approx(MCN_OPTIM["lr"])
+    assert recipe.optim.lr_mfilter == pytest.approx(MCN_OPTIM["lr_mfilter"])
+    assert recipe.optim.warmup_epochs == mcn_warmup_epochs(recipe.optim.epochs)
+    assert recipe.loss.theta == pytest.approx(MCN_LOSS["theta"])
+    assert recipe.loss.lambda_center == pytest.approx(MCN_LOSS["lambda_center"])
+    assert recipe.loss.alpha == pytest.approx(MCN_LOSS["alpha"])
+    assert recipe.model.convert.planes == 4 and recipe.model.convert.width == "keep"
+
+
+@pytest.mark.parametrize(("epochs", "warmup"), [(1, 0), (2, 1), (3, 1), (10, 2), (20, 4)])
+def test_mcn_warmup_is_a_fifth_of_the_epochs(epochs: int, warmup: int) -> None:
+    from mcn_compress.pipeline import mcn_warmup_epochs
+
+    assert mcn_warmup_epochs(epochs) == warmup
+
+
 def test_imagenet_recipe_is_set_up_for_resnet18_imagefolder() -> None:
     recipe = load_recipe(next(p for p in RECIPES if p.name == "imagenet.yaml"))
     assert recipe.model.name == "resnet18" and recipe.model.num_classes == 1000
