@@ -4,8 +4,12 @@ Trains the float model for --pretrain-epochs, then gives every variant (the floa
 included) the same --epochs of fine-tuning from those weights, same seed and data, and prints
 one markdown table: top-1/top-5, conv-weight bits, training throughput.
 
+Finished runs (same resolved recipe) are reused, so an interrupted table resumes where it
+stopped and ``--jobs N`` can fine-tune N variants at once in worker processes (threads split
+between them) before this process prints the table from their runs.
+
 Usage:
-  python benchmarks/fashion_mnist.py --out runs/bench-fmnist                # full table
+  python benchmarks/fashion_mnist.py --jobs 2 --out runs/bench-fmnist      # README table
   python benchmarks/fashion_mnist.py --arch mcn_resnet_tiny --epochs 2 --train-samples 5000
 """
 
@@ -13,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from mcn_compress.pipeline import Budget, Variant, run_comparison
+from mcn_compress.pipeline import Budget, Variant, pretrain_float, run_comparison
 
 VARIANTS = {
     "float": Variant("float (same extra epochs)", None),
@@ -54,7 +61,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=20000)
     parser.add_argument("--val-samples", type=int, default=None)
     parser.add_argument("--pretrain-epochs", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -68,6 +75,12 @@ def main() -> None:
         default=[],
         metavar="VARIANT.SECTION.KEY=V",
         help="override, e.g. k4.loss.theta=0.001 or k4.optim.lr=0.003",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="fine-tune this many variants at once in worker processes (threads split evenly)",
     )
     args = parser.parse_args()
     variants = []
@@ -90,13 +103,19 @@ def main() -> None:
         seed=args.seed,
     )
     start = time.perf_counter()
-    history, results = run_comparison(budget, variants, args.out)
+    if args.jobs > 1:
+        pretrain_float(budget, args.out / "float")  # once, before the workers share it
+        run_workers(args.variants.split(","), args.jobs, args.out)
+    history, results = run_comparison(budget, variants, args.out)  # reuses finished runs
+    threads = f"{torch.get_num_threads()} threads"
+    if args.jobs > 1:
+        threads = f"{args.jobs} workers x {max(1, torch.get_num_threads() // args.jobs)} threads"
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\nFashion-MNIST, {args.arch}, {args.train_samples or 60000} training images, "
         f"float pretrained {args.pretrain_epochs} epochs (top-1 {history[-1].val_top1:.2f}), "
         f"then {args.epochs} epochs per variant; seed {args.seed}; "
-        f"{torch.get_num_threads()} threads; {minutes:.1f} min\n"
+        f"{threads}; {minutes:.1f} min\n"
     )
     print(
         "| variant | top-1 | top-5 | after conversion | conv-weight bits | vs float | train img/s |"
@@ -114,6 +133,25 @@ def main() -> None:
     (args.out / "results.json").write_text(
         json.dumps([{**asdict(r), "run_dir": str(r.run_dir)} for r in results], indent=2)
     )
+
+
+def run_workers(keys: list[str], jobs: int, out: Path) -> None:
+    """Fine-tune ``keys`` in ``jobs`` processes of this script (round-robin), then return."""
+    threads = max(1, torch.get_num_threads() // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = []
+    for i in range(jobs):
+        chunk = keys[i::jobs]
+        if not chunk:
+            continue
+        log = out / f"worker-{i}.log"
+        argv = [sys.executable, __file__, *sys.argv[1:], "--variants", ",".join(chunk)]
+        with log.open("w") as handle:
+            proc = subprocess.Popen([*argv, "--jobs", "1"], stdout=handle, stderr=handle, env=env)
+        procs.append((proc, log))
+    failed = [str(log) for proc, log in procs if proc.wait() != 0]
+    if failed:
+        sys.exit(f"a worker failed; see {', '.join(failed)}")
 
 
 if __name__ == "__main__":
