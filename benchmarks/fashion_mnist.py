@@ -4,9 +4,9 @@ Trains the float model for --pretrain-epochs, then gives every variant (the floa
 included) the same --epochs of fine-tuning from those weights, same seed and data, and prints
 one markdown table: top-1/top-5, conv-weight bits, training throughput.
 
-Finished runs (same resolved recipe) are reused, so an interrupted table resumes where it
-stopped and ``--jobs N`` can fine-tune N variants at once in worker processes (threads split
-between them) before this process prints the table from their runs.
+Finished runs (same resolved recipe) are reused, so an interrupted table restarts only the
+unfinished variants, and ``--jobs N`` fine-tunes N variants at once in worker processes
+(threads split between them) before this process prints the table from their runs.
 
 Usage:
   python benchmarks/fashion_mnist.py --jobs 2 --out runs/bench-fmnist      # README table
