@@ -51,6 +51,7 @@ class Variant:
 MCN_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 4e-3, "lr_mfilter": 2e-4}
 MCN_LOSS: dict[str, Any] = {"theta": 1e-4, "lambda_center": 1e-3, "alpha": 0.5}
 FLOAT_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-3}
+_VARIANT_FILE = "variant.json"  # a finished variant's result, beside its run
 
 
 def mcn_warmup_epochs(epochs: int) -> int:
@@ -196,6 +197,7 @@ def finetune_variant(
     if reused is not None:
         _logger.info("reusing the finished run in %s", run_dir)
         return reused
+    (run_dir / _VARIANT_FILE).unlink(missing_ok=True)  # stale once a new run starts here
     model = None if variant.convert else _float_model(budget, float_weights)
     trainer = Trainer(recipe, callbacks=callbacks, model=model)
     start_top1 = trainer.evaluate()[1] if variant.convert else None
@@ -215,9 +217,6 @@ def finetune_variant(
     )
     _save_variant(outcome)
     return outcome
-
-
-_VARIANT_FILE = "variant.json"
 
 
 def _save_variant(result: VariantResult) -> None:
