@@ -103,13 +103,12 @@ def main() -> None:
         seed=args.seed,
     )
     start = time.perf_counter()
-    if args.jobs > 1:
-        pretrain_float(budget, args.out / "float")  # once, before the workers share it
-        run_workers(args.variants.split(","), args.jobs, args.out)
-    history, results = run_comparison(budget, variants, args.out)  # reuses finished runs
     threads = f"{torch.get_num_threads()} threads"
     if args.jobs > 1:
-        threads = f"{args.jobs} workers x {max(1, torch.get_num_threads() // args.jobs)} threads"
+        pretrain_float(budget, args.out / "float")  # once, before the workers share it
+        per_worker = run_workers(args.variants.split(","), args.jobs, args.out)
+        threads = f"{args.jobs} workers x {per_worker} threads"
+    history, results = run_comparison(budget, variants, args.out)  # reuses finished runs
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\nFashion-MNIST, {args.arch}, {args.train_samples or 60000} training images, "
@@ -135,8 +134,9 @@ def main() -> None:
     )
 
 
-def run_workers(keys: list[str], jobs: int, out: Path) -> None:
-    """Fine-tune ``keys`` in ``jobs`` processes of this script (round-robin), then return."""
+def run_workers(keys: list[str], jobs: int, out: Path) -> int:
+    """Fine-tune ``keys`` in ``jobs`` processes of this script (round-robin); returns the
+    threads each worker used."""
     threads = max(1, torch.get_num_threads() // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = []
@@ -152,6 +152,7 @@ def run_workers(keys: list[str], jobs: int, out: Path) -> None:
     failed = [str(log) for proc, log in procs if proc.wait() != 0]
     if failed:
         sys.exit(f"a worker failed; see {', '.join(failed)}")
+    return threads
 
 
 if __name__ == "__main__":
