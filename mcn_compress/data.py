@@ -437,6 +437,8 @@ def _imagefolder(
             "validation images into class folders first, e.g. with the usual valprep.sh)"
         )
     train_tf, val_tf = imagefolder_transforms(model, data_cfg.image_size, in_chans)
+    if not data_cfg.augment:
+        train_tf = val_tf
     try:
         train = ImageFolder(str(root / "train"), transform=train_tf)
         val = ImageFolder(str(root / "val"), transform=val_tf)
@@ -469,7 +471,9 @@ def _cifar(
             str(root),
             train=True,
             download=False,
-            transform=small_image_transform(native, size, in_chans, mean, std, train=True),
+            transform=small_image_transform(
+                native, size, in_chans, mean, std, train=data_cfg.augment
+            ),
         )
         val = cls(
             str(root),
@@ -493,7 +497,7 @@ def _fashion_mnist(
     size = data_cfg.image_size or NATIVE_SIZE["fashion_mnist"]
     mean, std = _normalization(model, in_chans)
     native = NATIVE_SIZE["fashion_mnist"]
-    train_tf = small_image_transform(native, size, in_chans, mean, std, train=True)
+    train_tf = small_image_transform(native, size, in_chans, mean, std, train=data_cfg.augment)
     val_tf = small_image_transform(native, size, in_chans, mean, std, train=False)
     return (
         load_fashion_mnist(data_cfg.root, train=True, transform=train_tf),

@@ -118,6 +118,9 @@ class DataRecipe:
     layout); Fashion-MNIST defaults to Debian's ``/usr/share/datasets/fashion-mnist``.
     ``image_size`` defaults to the dataset's native size (the model's for imagefolder).
     ``batch_size`` is per process (per GPU): the global batch is ``batch_size * world_size``.
+    ``augment`` turns on random training augmentation (padded crop + horizontal flip for
+    small images, timm's training transform for imagefolder); ``false`` trains on the
+    evaluation transform, which suits small models that underfit (Fashion-MNIST, README).
     """
 
     dataset: DatasetName
@@ -127,6 +130,7 @@ class DataRecipe:
     workers: int = 4
     train_samples: int | None = None
     val_samples: int | None = None
+    augment: bool = True
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []

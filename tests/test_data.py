@@ -126,6 +126,44 @@ def test_gray_data_is_replicated_for_rgb_models_and_resized(
     assert train[0][0].shape == (3, 32, 32)
 
 
+def test_augment_false_trains_on_the_plain_normalised_images(
+    tmp_path: Path, gray_model: nn.Module
+) -> None:
+    fake = fake_fashion_torchvision(tmp_path)
+    cfg = DataRecipe(dataset="fashion_mnist", root=str(tmp_path), augment=False)
+    train, _ = build_datasets(cfg, gray_model)
+    images, _ = fake["train"]
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    for i in range(5):
+        expected = (images[i].float() / 255 - mean) / std
+        torch.testing.assert_close(train[i][0][0], expected, atol=1e-5, rtol=0)
+
+
+def test_augment_true_crops_and_flips_training_images(
+    tmp_path: Path, gray_model: nn.Module
+) -> None:
+    fake = fake_fashion_torchvision(tmp_path)
+    train, _ = build_datasets(DataRecipe(dataset="fashion_mnist", root=str(tmp_path)), gray_model)
+    images, _ = fake["train"]
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    plain = (images[0].float() / 255 - mean) / std
+    torch.manual_seed(0)
+    draws = [train[0][0][0] for _ in range(20)]
+    assert not all(torch.allclose(d, plain, atol=1e-5) for d in draws)
+    assert all(d.shape == (28, 28) for d in draws)
+
+
+def test_imagefolder_augment_false_uses_the_eval_transform(
+    tmp_path: Path, rgb_model: nn.Module
+) -> None:
+    make_image_tree(tmp_path)
+    cfg = DataRecipe(dataset="imagefolder", root=str(tmp_path), image_size=48, augment=False)
+    train, val = build_datasets(cfg, rgb_model)
+    # val/cat/0.png and train/cat/0.png hold the same flat colour: same transform, same tensor
+    torch.testing.assert_close(train[0][0], val[0][0])
+    torch.testing.assert_close(train[0][0], train[0][0])
+
+
 needs_debian = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.is_dir(),
     reason=f"{DEBIAN_FASHION_MNIST} absent: apt-get install -y dataset-fashion-mnist",

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mcn_compress import load
@@ -42,6 +43,7 @@ def test_quickstart_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert 0 <= data["mcn_top1"] <= 100 and 0 <= data["float_top1"] <= 100
     assert type(load(packed)).__name__ == "SmallResNet"
     float_run, mcn_run = out / "float" / "last.pt", out / "mcn" / "last.pt"
+    assert yaml.safe_load((out / "float" / "recipe.yaml").read_text())["data"]["augment"] is False
     float_stamp, mcn_stamp = float_run.stat().st_mtime_ns, mcn_run.stat().st_mtime_ns
     again = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--json", *TINY])
     assert again.exit_code == 0, again.stderr
@@ -54,6 +56,12 @@ def test_quickstart_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert float_run.stat().st_mtime_ns == float_stamp
     assert mcn_run.stat().st_mtime_ns != mcn_stamp
     assert load(mcn_run).get_submodule("stages.0.conv1").planes == 2
+    # Other data settings (augmentation on) make a different float model: trained again.
+    aug = CliRunner().invoke(app, ["quickstart", "--out", str(out), "-q", "--augment", *TINY])
+    assert aug.exit_code == 0, aug.stderr
+    assert float_run.stat().st_mtime_ns != float_stamp
+    saved = yaml.safe_load((out / "float" / "recipe.yaml").read_text())
+    assert saved["data"]["augment"] is True
 
 
 def test_quickstart_without_data_says_how_to_get_it(tmp_path: Path) -> None:

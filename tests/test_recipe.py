@@ -72,9 +72,10 @@ def test_every_shipped_recipe_validates(path: Path) -> None:
 
 def test_fashion_mnist_recipe_uses_the_benchmark_winners() -> None:
     """The shipped recipe and the quickstart/benchmark pipeline must not drift apart."""
-    from mcn_compress.pipeline import MCN_LOSS, MCN_OPTIM, mcn_warmup_epochs
+    from mcn_compress.pipeline import MCN_LOSS, MCN_OPTIM, Budget, mcn_warmup_epochs
 
     recipe = load_recipe(next(p for p in RECIPES if p.name == "fashion-mnist.yaml"))
+    assert recipe.data.augment is Budget().augment is False
     assert recipe.optim.optimizer == MCN_OPTIM["optimizer"]
     assert recipe.optim.lr == pytest.approx(MCN_OPTIM["lr"])
     assert recipe.optim.lr_mfilter == pytest.approx(MCN_OPTIM["lr_mfilter"])
