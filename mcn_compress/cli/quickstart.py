@@ -29,8 +29,8 @@ def quickstart_command(
         bool,
         typer.Option(
             "--augment",
-            help="Random crop + flip while training (off by default: it costs these small "
-            "models 1-2 points, see the README).",
+            help="Random crop + flip while training (off by default: on Fashion-MNIST it "
+            "cost the K=4 MCN 1.6 points, see the README).",
         ),
     ] = False,
     data_root: Annotated[
