@@ -136,7 +136,7 @@ def pretrain_float(
         {"theta": 0.0, "lambda_center": 0.0},
         FLOAT_OPTIM,
     )
-    if _finished(run_dir, budget.pretrain_epochs) and _same_recipe(run_dir, recipe):
+    if _same_recipe(run_dir, recipe) and _finished(run_dir, budget.pretrain_epochs):
         _logger.info("reusing the float model in %s", run_dir)
         return run_dir / LAST, _history(run_dir)
     trainer = Trainer(recipe, callbacks=callbacks, model=_float_model(budget))
@@ -252,7 +252,7 @@ def _finished_variant(run_dir: Path, recipe: Recipe, label: str) -> VariantResul
         data = json.loads((run_dir / _VARIANT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not _finished(run_dir, recipe.optim.epochs) or not _same_recipe(run_dir, recipe):
+    if not _same_recipe(run_dir, recipe) or not _finished(run_dir, recipe.optim.epochs):
         return None
     try:
         return VariantResult(**{**data, "label": label, "run_dir": run_dir})
