@@ -6,6 +6,7 @@ on Debian's ``dataset-fashion-mnist`` files (DESIGN.md section 5) and on a CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -53,6 +54,7 @@ MCN_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 4e-3, "lr_mfilter": 2e-
 MCN_LOSS: dict[str, Any] = {"theta": 1e-4, "lambda_center": 1e-3, "alpha": 0.5}
 FLOAT_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-3}
 _VARIANT_FILE = "variant.json"  # a finished variant's result, beside its run
+_WEIGHTS_DIGEST = "float_weights_sha256"  # in that file: the weights the run started from
 
 
 def mcn_warmup_epochs(epochs: int) -> int:
@@ -217,21 +219,35 @@ def finetune_variant(
         after_conversion_top1=start_top1,
         run_dir=run_dir,
     )
-    _save_variant(outcome)
+    _save_variant(outcome, float_weights)
     return outcome
 
 
-def _save_variant(result: VariantResult) -> None:
+def _save_variant(result: VariantResult, float_weights: Path) -> None:
     from mcn_compress.checkpoint import atomic_write
 
-    data = {**asdict(result), "run_dir": str(result.run_dir)}
+    data = {
+        **asdict(result),
+        "run_dir": str(result.run_dir),
+        _WEIGHTS_DIGEST: _file_digest(float_weights),
+    }
     text = json.dumps(data, indent=2)
     atomic_write(result.run_dir / _VARIANT_FILE, lambda tmp: tmp.write_text(text))
 
 
-def _same_recipe(run_dir: Path, recipe: Recipe) -> bool:
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_recipe(run_dir: Path, recipe: Recipe, weights_digest: str | None = None) -> bool:
     """Whether the run in ``run_dir`` was trained with ``recipe`` (its output folder aside: the
-    folder may have been moved or copied)."""
+    folder may have been moved or copied). ``weights_digest``, the SHA-256 of the weights file
+    the run started from, lets ``model.weights`` match by content instead of by path, so a
+    comparison moved together with its float model still counts as the same recipe."""
     import yaml
 
     try:
@@ -243,6 +259,12 @@ def _same_recipe(run_dir: Path, recipe: Recipe) -> bool:
     wanted = recipe_to_dict(recipe)
     saved.get("output", {}).pop("dir", None)
     wanted["output"].pop("dir", None)
+    weights = recipe.model.weights
+    if weights_digest and weights and Path(weights).is_file():
+        if _file_digest(Path(weights)) != weights_digest:
+            return False
+        saved.get("model", {}).pop("weights", None)
+        wanted["model"].pop("weights", None)
     return bool(saved == wanted)
 
 
@@ -252,7 +274,10 @@ def _finished_variant(run_dir: Path, recipe: Recipe, label: str) -> VariantResul
         data = json.loads((run_dir / _VARIANT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if not _same_recipe(run_dir, recipe) or not _finished(run_dir, recipe.optim.epochs):
+    if not isinstance(data, dict):
+        return None
+    digest = data.pop(_WEIGHTS_DIGEST, None)
+    if not _same_recipe(run_dir, recipe, digest) or not _finished(run_dir, recipe.optim.epochs):
         return None
     try:
         return VariantResult(**{**data, "label": label, "run_dir": run_dir})

@@ -50,6 +50,12 @@ def test_quickstart_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert float_run.stat().st_mtime_ns == float_stamp  # the float model was reused
     assert mcn_run.stat().st_mtime_ns == mcn_stamp  # same recipe, finished: reused too
     assert json.loads(again.stdout)["mcn_top1"] == data["mcn_top1"]
+    # Moved as a whole (the MCN recipe names the float weights by their new path): still reused.
+    out = out.rename(tmp_path / "moved")
+    float_run, mcn_run = out / "float" / "last.pt", out / "mcn" / "last.pt"
+    moved = CliRunner().invoke(app, ["quickstart", "--out", str(out), "-q", *TINY])
+    assert moved.exit_code == 0, moved.stderr
+    assert (float_run.stat().st_mtime_ns, mcn_run.stat().st_mtime_ns) == (float_stamp, mcn_stamp)
     # A different MCN recipe (K=2) must train again, from the same float model.
     other = CliRunner().invoke(app, ["quickstart", "--out", str(out), "-q", "-k", "2", *TINY])
     assert other.exit_code == 0, other.stderr
@@ -62,6 +68,14 @@ def test_quickstart_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert float_run.stat().st_mtime_ns != float_stamp
     saved = yaml.safe_load((out / "float" / "recipe.yaml").read_text())
     assert saved["data"]["augment"] is True
+    # A longer float pretraining leaves the MCN recipe as it was but changes the weights it
+    # starts from (same path, new contents): the MCN run must not be reused.
+    mcn_stamp = mcn_run.stat().st_mtime_ns
+    longer = [*TINY]
+    longer[longer.index("--pretrain-epochs") + 1] = "2"
+    again = CliRunner().invoke(app, ["quickstart", "--out", str(out), "-q", "--augment", *longer])
+    assert again.exit_code == 0, again.stderr
+    assert mcn_run.stat().st_mtime_ns != mcn_stamp
 
 
 def test_quickstart_without_data_says_how_to_get_it(tmp_path: Path) -> None:
