@@ -4,12 +4,17 @@ Trains the float model for --pretrain-epochs, then gives every variant (the floa
 included) the same --epochs of fine-tuning from those weights, same seed and data, and prints
 one markdown table: top-1/top-5, conv-weight bits, training throughput.
 
+``--seeds 0,1,2`` repeats the whole comparison per seed (own float model, runs in
+OUT/seed-N) and prints the mean and sample standard deviation over seeds, each seed's top-1,
+and each row's paired difference to MCN keep K=4 (same seed, same float model): the number that
+says what a loss term or option adds, with its noise.
+
 Finished runs (same resolved recipe) are reused, so an interrupted table restarts only the
 unfinished variants, and ``--jobs N`` fine-tunes N variants at once in worker processes
 (threads split between them) before this process prints the table from their runs.
 
 Usage:
-  python benchmarks/fashion_mnist.py --jobs 2 --out runs/bench-fmnist      # README table
+  python benchmarks/fashion_mnist.py --jobs 2 --seeds 0,1,2 --out runs/bench-fmnist  # README
   python benchmarks/fashion_mnist.py --arch mcn_resnet_tiny --epochs 2 --train-samples 5000
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +32,13 @@ from pathlib import Path
 
 import torch
 
-from mcn_compress.pipeline import Budget, Variant, pretrain_float, run_comparison
+from mcn_compress.pipeline import (
+    Budget,
+    Variant,
+    VariantResult,
+    pretrain_float,
+    run_comparison,
+)
 
 VARIANTS = {
     "float": Variant("float (same extra epochs)", None),
@@ -63,7 +75,12 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds: each trains its own float model and variants in OUT/seed-N; "
+        "with two or more the table gives mean +- sd and paired differences to keep K=4",
+    )
     parser.add_argument(
         "--augment",
         action="store_true",
@@ -87,9 +104,12 @@ def main() -> None:
         default=1,
         help="fine-tune this many variants at once in worker processes (threads split evenly)",
     )
+    parser.add_argument("--units", help=argparse.SUPPRESS)  # a worker's SEED:VARIANT,... list
     args = parser.parse_args()
-    variants = []
-    for key in args.variants.split(","):
+    keys = args.variants.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = {}
+    for key in keys:
         v = VARIANTS[key]
         loss, optim = dict(v.loss), dict(v.optim)
         for item in args.set:
@@ -97,64 +117,120 @@ def main() -> None:
             name, section, field = target.split(".")
             if name == key:
                 (loss if section == "loss" else optim)[field] = json.loads(value)
-        variants.append(Variant(v.label, v.convert, loss, optim))
-    budget = Budget(
-        arch=args.arch,
-        train_samples=args.train_samples,
-        val_samples=args.val_samples,
-        pretrain_epochs=args.pretrain_epochs,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        augment=args.augment,
-    )
+        variants[key] = Variant(v.label, v.convert, loss, optim)
+    budgets = {
+        seed: Budget(
+            arch=args.arch,
+            train_samples=args.train_samples,
+            val_samples=args.val_samples,
+            pretrain_epochs=args.pretrain_epochs,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=seed,
+            augment=args.augment,
+        )
+        for seed in seeds
+    }
+    if args.units:  # a worker: fine-tune its share, the parent prints the table
+        for unit in args.units.split(","):
+            seed, _, key = unit.partition(":")
+            run_comparison(budgets[int(seed)], [variants[key]], seed_dir(args.out, int(seed)))
+        return
     start = time.perf_counter()
     threads = f"{torch.get_num_threads()} threads"
     if args.jobs > 1:
-        pretrain_float(budget, args.out / "float")  # once, before the workers share it
-        per_worker = run_workers(args.variants.split(","), args.jobs, args.out)
+        for seed in seeds:  # once per seed, before the workers share it
+            pretrain_float(budgets[seed], seed_dir(args.out, seed) / "float")
+        units = [f"{seed}:{key}" for seed in seeds for key in keys]
+        per_worker = run_workers(units, args.jobs, args.out)
         threads = f"{args.jobs} workers x {per_worker} threads"
-    history, results = run_comparison(budget, variants, args.out)  # reuses finished runs
+    runs = {}  # seed -> (float pretraining history, results in variant order)
+    for seed in seeds:  # reuses the finished runs
+        out = seed_dir(args.out, seed)
+        runs[seed] = run_comparison(budgets[seed], list(variants.values()), out)
     minutes = (time.perf_counter() - start) / 60
+    pretrained = ", ".join(f"{h[-1].val_top1:.2f}" for h, _ in runs.values())
     print(
         f"\nFashion-MNIST, {args.arch}, {args.train_samples or 60000} training images, "
-        f"float pretrained {args.pretrain_epochs} epochs (top-1 {history[-1].val_top1:.2f}), "
+        f"float pretrained {args.pretrain_epochs} epochs (top-1 {pretrained}), "
         f"then {args.epochs} epochs per variant; augmentation {'on' if args.augment else 'off'}; "
-        f"seed {args.seed}; "
-        f"{threads}; {minutes:.1f} min\n"
+        f"seed{'s' if len(seeds) > 1 else ''} {args.seeds}; {threads}; {minutes:.1f} min\n"
     )
-    print(
-        "| variant | top-1 | top-5 | after conversion | conv-weight bits | vs float | train img/s |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        after = f"{r.after_conversion_top1:.2f}" if r.after_conversion_top1 is not None else "-"
-        ratio = (
-            f"1/{r.float_conv_bits / r.conv_bits:.0f}" if r.conv_bits != r.float_conv_bits else "1"
+    per_variant = [[results[i] for _, results in runs.values()] for i in range(len(keys))]
+    reference = per_variant[keys.index("k4")] if "k4" in keys else None
+    print("\n".join(table(per_variant, reference)))
+    for seed, (_, results) in runs.items():
+        (seed_dir(args.out, seed) / "results.json").write_text(
+            json.dumps([{**asdict(r), "run_dir": str(r.run_dir)} for r in results], indent=2)
         )
-        print(
-            f"| {r.label} | {r.top1:.2f} | {r.top5:.2f} | {after} | {r.conv_bits:,} | {ratio} "
-            f"| {r.images_per_sec:.0f} |"
-        )
-    (args.out / "results.json").write_text(
-        json.dumps([{**asdict(r), "run_dir": str(r.run_dir)} for r in results], indent=2)
-    )
 
 
-def run_workers(keys: list[str], jobs: int, out: Path) -> int:
-    """Fine-tune ``keys`` in ``jobs`` processes of this script (round-robin); returns the
-    threads each worker used."""
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed-{seed}"
+
+
+def mean_sd(values: list[float]) -> str:
+    """``mean`` for one value, ``mean ± sample standard deviation`` for several."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(
+    per_variant: list[list[VariantResult]], reference: list[VariantResult] | None
+) -> list[str]:
+    """Markdown rows: one per variant, its results over seeds (same seed order in every list).
+
+    With several seeds, top-1 is mean ± sd with each seed's value, and ``reference`` (keep K=4)
+    gives each row's paired difference: mean ± sd over seeds of (row - reference) top-1.
+    """
+    several = len(per_variant[0]) > 1
+    head = ["variant", "top-1", "top-5", "after conversion", "conv-weight bits", "vs float"]
+    if several:
+        head[2:2] = ["top-1 per seed"] + (["vs keep K=4 (paired)"] if reference else [])
+    lines = ["| " + " | ".join([*head, "train img/s"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for results in per_variant:
+        first = results[0]
+        cells = [first.label, mean_sd([r.top1 for r in results])]
+        if several:
+            cells.append(" / ".join(f"{r.top1:.2f}" for r in results))
+            if reference:
+                diffs = [r.top1 - ref.top1 for r, ref in zip(results, reference, strict=True)]
+                cells.append("-" if results is reference else signed(diffs))
+        afters = [r.after_conversion_top1 for r in results if r.after_conversion_top1 is not None]
+        ratio = first.float_conv_bits / first.conv_bits
+        cells += [
+            f"{statistics.mean(r.top5 for r in results):.2f}",
+            f"{statistics.mean(afters):.2f}" if afters else "-",
+            f"{first.conv_bits:,}",
+            f"1/{ratio:.0f}" if first.conv_bits != first.float_conv_bits else "1",
+            f"{statistics.mean(r.images_per_sec for r in results):.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def signed(diffs: list[float]) -> str:
+    """Mean ± sd of paired differences with an explicit sign: ``+0.32 ± 0.20``."""
+    text = mean_sd(diffs)
+    return text if text.startswith("-") else "+" + text
+
+
+def run_workers(units: list[str], jobs: int, out: Path) -> int:
+    """Fine-tune ``units`` (``SEED:VARIANT``) in ``jobs`` processes of this script
+    (round-robin); returns the threads each worker used."""
     threads = max(1, torch.get_num_threads() // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = []
+    out.mkdir(parents=True, exist_ok=True)
     for i in range(jobs):
-        chunk = keys[i::jobs]
+        chunk = units[i::jobs]
         if not chunk:
             continue
         log = out / f"worker-{i}.log"
-        argv = [sys.executable, __file__, *sys.argv[1:], "--variants", ",".join(chunk)]
+        argv = [sys.executable, __file__, *sys.argv[1:], "--units", ",".join(chunk)]
         with log.open("w") as handle:
-            proc = subprocess.Popen([*argv, "--jobs", "1"], stdout=handle, stderr=handle, env=env)
+            proc = subprocess.Popen(argv, stdout=handle, stderr=handle, env=env)
         procs.append((proc, log))
     failed = [str(log) for proc, log in procs if proc.wait() != 0]
     if failed:
