@@ -149,7 +149,7 @@ class MCNLoss(nn.Module):
         model: nn.Module,
         num_classes: int,
         theta: float = 1e-4,
-        lambda_center: float = 1e-3,
+        lambda_center: float = 1e-2,
         alpha: float = 0.5,
         *,
         feature_dim: int | None = None,

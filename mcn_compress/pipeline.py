@@ -51,7 +51,7 @@ class Variant:
 
 # The recipe defaults that won the Fashion-MNIST benchmark (see README).
 MCN_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 4e-3, "lr_mfilter": 2e-4}
-MCN_LOSS: dict[str, Any] = {"theta": 1e-4, "lambda_center": 1e-3, "alpha": 0.5}
+MCN_LOSS: dict[str, Any] = {"theta": 1e-4, "lambda_center": 1e-2, "alpha": 0.5}
 FLOAT_OPTIM: dict[str, Any] = {"optimizer": "adamw", "lr": 2e-3}
 _VARIANT_FILE = "variant.json"  # a finished variant's result, beside its run
 _WEIGHTS_DIGEST = "float_weights_sha256"  # in that file: the weights the run started from

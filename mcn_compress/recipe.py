@@ -210,7 +210,7 @@ class LossRecipe:
     """
 
     theta: float = 1e-4
-    lambda_center: float = 1e-3
+    lambda_center: float = 1e-2
     alpha: float = 0.5
     distill: float = 0.0
     temperature: float = 4.0
