@@ -186,8 +186,9 @@ def finetune_variant(
 ) -> VariantResult:
     """Fine-tune one variant from the float weights for ``budget.epochs`` epochs.
 
-    A finished run of the same resolved recipe (output folder aside) in ``run_dir`` is reused,
-    not trained again.
+    A finished run of the same resolved recipe (output folder aside) that started from the same
+    float weights (same SHA-256, wherever the file now lies) in ``run_dir`` is reused, not
+    trained again.
     """
     loss = (
         {**MCN_LOSS, **variant.loss}
