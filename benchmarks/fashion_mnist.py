@@ -27,18 +27,15 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from mcn_compress.pipeline import (
-    Budget,
-    Variant,
-    VariantResult,
-    pretrain_float,
-    run_comparison,
-)
+from mcn_compress.pipeline import Budget, Variant, VariantResult, finetune_variant, pretrain_float
+from mcn_compress.training.run_dir import EpochMetrics
+from mcn_compress.training.trainer import TrainCallbacks
 
 VARIANTS = {
     "float": Variant("float (same extra epochs)", None),
@@ -64,6 +61,25 @@ VARIANTS = {
         "MCN keep K=4, no centre loss (lambda=0)", {"planes": 4}, loss={"lambda_center": 0.0}
     ),
 }
+
+
+def run_comparison(
+    budget: Budget,
+    variants: list[Variant],
+    out_dir: Path,
+    callbacks_for: Callable[[str], TrainCallbacks | None] = lambda _: None,
+) -> tuple[list[EpochMetrics], list[VariantResult]]:
+    """Pretrain the float model once, then fine-tune every variant under the same budget."""
+    float_weights, history = pretrain_float(budget, out_dir / "float", callbacks_for("float"))
+    results = [
+        finetune_variant(budget, v, float_weights, out_dir / _slug(v.label), callbacks_for(v.label))
+        for v in variants
+    ]
+    return history, results
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
 
 
 def main() -> None:

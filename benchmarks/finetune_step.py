@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mcn_compress import MCNConfig, convert, load_float_model
-from mcn_compress.loss import MCNLoss
+from mcn_compress.training.loss import MCNLoss
 
 
 def _median(step: Callable[[], None], iters: int) -> float:

@@ -1,4 +1,4 @@
-"""ONNX export goals (DESIGN.md section 6): file size and onnxruntime CPU latency of the packed
+"""ONNX export goals (docs/design.md section 6): file size and onnxruntime CPU latency of the packed
 layout against the folded one and the packed ``.mcn`` file, timm resnet18 at K = 4.
 
 Goals: packed ONNX within 5% of the ``.mcn`` file's bytes; packed latency within 1.1x of folded
@@ -27,11 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mcn_compress.config import MCNConfig
-from mcn_compress.convert import convert
-from mcn_compress.export import export_packed
-from mcn_compress.models import load_float_model
-from mcn_compress.onnx_export import export_onnx
+from mcn_compress import MCNConfig, convert, export_onnx, export_packed, load_float_model
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,5 +1,5 @@
 """Bytes on disk of a converted timm resnet18 (K=4, width keep) against the float32 original
-and the theoretical minimum (DESIGN.md section 6), and which parts the packed bytes go to.
+and the theoretical minimum (docs/design.md section 6), and which parts the packed bytes go to.
 
 Writes the float32 original (safetensors and a torch state dict), the MCN checkpoint and the
 packed file with and without ``--float16`` into a temporary folder, checks that the packed
@@ -19,13 +19,18 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mcn_compress.checkpoint import load, save
-from mcn_compress.config import MCNConfig
-from mcn_compress.convert import REASON_STEM, convert
-from mcn_compress.export import export_packed
-from mcn_compress.models import load_float_model
-from mcn_compress.nn.mcconv import MCConv2d
-from mcn_compress.report import size_bound, storage_counts
+from mcn_compress import (
+    MCConv2d,
+    MCNConfig,
+    convert,
+    export_packed,
+    info_of,
+    load,
+    load_float_model,
+    save,
+)
+from mcn_compress.passes.policy import REASON_STEM
+from mcn_compress.profile import size_bound, storage_counts
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -37,7 +42,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _parts(model: nn.Module, bytes_per_float: int) -> dict[str, int]:
     """Bytes of the theoretical minimum by part: signs, M-Filters, BN, stem, classifier, other."""
     modules = dict(model.named_modules())
-    summary = model.mcn_summary
+    summary = info_of(model).summary
     stems = {r.name for r in summary.layers if r.reason == REASON_STEM}
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     heads = {n for n, m in modules.items() if head is not None and m is head}

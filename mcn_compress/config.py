@@ -1,10 +1,10 @@
-"""`MCNConfig`: how a float model is turned into an MCN (DESIGN.md section 2)."""
+"""`MCNConfig`: how a float model is turned into an MCN (docs/design.md section 2)."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from mcn_compress.errors import ConfigError
 
@@ -17,11 +17,11 @@ class MCNConfig:
     """Settings of the conversion pass.
 
     Args:
-        planes: K, the number of M-Filter planes (DESIGN.md section 2). In width keep every
+        planes: K, the number of M-Filter planes (docs/design.md section 2). In width keep every
             converted conv needs input and output channel counts divisible by K.
         width: ``"keep"`` (tensor shapes unchanged, 1/(32K) of the conv bits) or ``"expand"``
             (the paper's widened network: every filter stays a binary filter, tensors K times
-            wider, K^2 times the conv FLOPs; see `mcn_compress.expand`).
+            wider, K^2 times the conv FLOPs; see `mcn_compress.passes.expand`).
         mcn1: MCNs-1 variant: each M plane is one scalar instead of a kh x kw matrix.
         clip: straight-through estimator clip; the sign's gradient passes where |C| <= clip.
         include: regular expressions on module names; when given, only matching convs convert.
@@ -32,7 +32,12 @@ class MCNConfig:
 
     Example:
         >>> cfg = MCNConfig(planes=4, exclude=(r"layer4",))
+
+    ``VERSION`` is the version of this record's stored form (`to_dict` writes it; `from_dict`
+    refuses a newer one and reads older ones, and dicts without it as version 1).
     """
+
+    VERSION: ClassVar[int] = 1
 
     planes: int = 4
     width: Width = "keep"
@@ -67,19 +72,27 @@ class MCNConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-container form, safe for `torch.save` with `weights_only` loading."""
-        data = asdict(self)
+        data: dict[str, Any] = {"version": self.VERSION, **asdict(self)}
         data["include"] = list(self.include)
         data["exclude"] = list(self.exclude)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MCNConfig:
-        """Inverse of `to_dict`; unknown keys are an error."""
+        """Inverse of `to_dict`; unknown keys and newer versions are an error."""
+        values = dict(data)
+        version = values.pop("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"MCN config version must be a positive integer, got {version!r}")
+        if version > cls.VERSION:
+            raise ConfigError(
+                f"MCN config version {version} is newer than this mcn-compress reads "
+                f"({cls.VERSION}): upgrade mcn-compress"
+            )
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown MCN config keys: {', '.join(unknown)}")
-        values = dict(data)
         for name in ("include", "exclude"):
             if name in values:
                 values[name] = tuple(values[name])

@@ -4,7 +4,7 @@ Calibration: unlabeled image folders, read with PIL and transformed with the mod
 preprocessing (timm's `resolve_data_config` + `create_transform`), so BatchNorm recalibration
 sees what the model sees.
 
-Fine-tuning (`build_datasets`, DESIGN.md sections 3 and 5): ImageFolder trees with timm's
+Fine-tuning (`build_datasets`, docs/design.md sections 3 and 5): ImageFolder trees with timm's
 train / eval transforms; CIFAR-10/100 in torchvision's layout; Fashion-MNIST from its four IDX
 files (Debian's ``dataset-fashion-mnist`` folder or torchvision's layout, parsed by `read_idx`);
 a seeded synthetic set for smoke runs. Nothing is ever downloaded: missing data raises one
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from mcn_compress.errors import DataError
 
 if TYPE_CHECKING:
-    from mcn_compress.recipe import DataRecipe
+    from mcn_compress.training.recipe import DataRecipe
 
 _logger = logging.getLogger(__name__)
 
@@ -551,3 +551,14 @@ def build_datasets(
         len(val),  # type: ignore[arg-type]
     )
     return train, val
+
+
+def check_label_count(dataset: Dataset[Any], num_classes: int) -> None:
+    """Raise `DataError` when ``dataset`` names more classes than the model predicts."""
+    classes = dataset_classes(dataset)
+    if classes and len(classes) > num_classes:
+        raise DataError(
+            f"the dataset has {len(classes)} classes but the model predicts "
+            f"{num_classes}: set model.num_classes (float models) or use a checkpoint "
+            "converted with a matching --num-classes"
+        )

@@ -23,9 +23,30 @@ class CheckpointError(MCNError):
     """A checkpoint file is missing, foreign, truncated, corrupt or unsafe."""
 
 
+class OutputError(CheckpointError):
+    """An output file cannot be written (a missing folder, a directory in the way, a full or
+    read-only disk). A `CheckpointError` subclass, so code that caught write failures as
+    checkpoint errors keeps working."""
+
+
 class DataError(MCNError):
     """Training or evaluation data is missing, in an unknown layout, or malformed."""
 
 
 class ExportError(MCNError):
     """A model, layer or operator cannot be exported in the requested format."""
+
+
+class TrainingDiverged(MCNError):
+    """The loss became NaN or infinite."""
+
+
+class PipelineStopped(MCNError):
+    """A stop request (Ctrl-C / SIGTERM) ended the pipeline; the run folder can be resumed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name when the message is empty), for
+    one-line errors that wrap an exception from torch, timm or onnx."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

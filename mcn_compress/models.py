@@ -1,14 +1,13 @@
 """Load a float classifier by name: timm names, ``tv:NAME`` for torchvision, ``hf-hub:`` ids.
 
-Every model this module builds carries ``mcn_source`` (`ModelSource`), the recipe for
-rebuilding its architecture that checkpoints store (DESIGN.md section 4).
+Every model this module builds carries ``mcn_info.source`` (`ModelSource`), the recipe for
+rebuilding its architecture that checkpoints store (docs/design.md section 4).
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,57 +15,11 @@ import torch
 from torch import nn
 
 from mcn_compress.errors import ModelLoadError
+from mcn_compress.info import TV_PREFIX, ModelSource, update_info
 
 _logger = logging.getLogger(__name__)
 
-TV_PREFIX = "tv:"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """How to rebuild a float architecture: library, name and constructor kwargs."""
-
-    library: str  # "timm" or "torchvision"
-    name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None  # where the float weights came from (informational)
-
-    @property
-    def display_name(self) -> str:
-        return f"{TV_PREFIX}{self.name}" if self.library == "torchvision" else self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "library": self.library,
-            "name": self.name,
-            "kwargs": dict(self.kwargs),
-            "weights": self.weights,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSource:
-        try:
-            return cls(
-                library=str(data["library"]),
-                name=str(data["name"]),
-                kwargs=dict(data.get("kwargs") or {}),
-                weights=data.get("weights"),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ModelLoadError(f"invalid model source record: {exc}") from exc
-
-
-def declared_classifier(model: nn.Module) -> nn.Module | None:
-    """The module timm's ``get_classifier()`` returns, or None when the model has no usable one."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if not callable(get_classifier):
-        return None
-    try:
-        head = get_classifier()
-    except Exception:  # noqa: BLE001 - any failure means "no usable answer"
-        return None
-    return head if isinstance(head, nn.Module) else None
 
 
 def _torchvision_names() -> list[str]:
@@ -215,7 +168,7 @@ def load_float_model(
 
     Example:
         >>> model = load_float_model("resnet18", pretrained=False)
-        >>> model.mcn_source.name
+        >>> info_of(model).source.name
         'resnet18'
     """
     source = resolve_source(name, num_classes=num_classes, in_chans=in_chans)
@@ -228,5 +181,5 @@ def load_float_model(
         origin = "pretrained" if pretrained else None
     if not pretrained and weights is None:
         _logger.info("%s has random weights (--no-pretrained)", source.display_name)
-    model.mcn_source = ModelSource(source.library, source.name, source.kwargs, origin)  # type: ignore[assignment]
+    update_info(model, source=ModelSource(source.library, source.name, source.kwargs, origin))
     return model

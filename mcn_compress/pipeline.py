@@ -1,7 +1,7 @@
 """The whole job on Fashion-MNIST: train a float model, convert it, fine-tune, measure.
 
 Used by `mcn-compress quickstart` and `benchmarks/fashion_mnist.py`. Everything runs offline
-on Debian's ``dataset-fashion-mnist`` files (DESIGN.md section 5) and on a CPU.
+on Debian's ``dataset-fashion-mnist`` files (docs/design.md section 5) and on a CPU.
 """
 
 from __future__ import annotations
@@ -9,16 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mcn_compress.errors import MCNError
-from mcn_compress.recipe import Recipe, recipe_from_dict, recipe_to_dict
-from mcn_compress.train import LAST, EpochMetrics, TrainCallbacks, Trainer, TrainResult
+from mcn_compress.errors import PipelineStopped
+from mcn_compress.module_utils import conv_bits
+from mcn_compress.training.recipe import Recipe, recipe_from_dict, recipe_to_dict
+from mcn_compress.training.run_dir import LAST, EpochMetrics, read_history, run_finished
+from mcn_compress.training.trainer import TrainCallbacks, Trainer, TrainResult
 
 _logger = logging.getLogger(__name__)
 
@@ -106,23 +107,12 @@ def _recipe(
     )
 
 
-def _float_model(budget: Budget, weights: Path | None = None) -> torch.nn.Module:
+def float_model(budget: Budget, weights: Path | None = None) -> torch.nn.Module:
     from mcn_compress.models import load_float_model
 
     return load_float_model(
         budget.arch, pretrained=False, weights=weights, num_classes=10, in_chans=1
     )
-
-
-def _finished(run_dir: Path, epochs: int) -> bool:
-    path = run_dir / LAST
-    if not path.is_file():
-        return False
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True).get("train_state", {})
-    except Exception:  # noqa: BLE001 - an unreadable file means "train again"
-        return False
-    return int(state.get("epoch", 0)) >= epochs
 
 
 def pretrain_float(
@@ -138,16 +128,12 @@ def pretrain_float(
         {"theta": 0.0, "lambda_center": 0.0},
         FLOAT_OPTIM,
     )
-    if _same_recipe(run_dir, recipe) and _finished(run_dir, budget.pretrain_epochs):
+    if _same_recipe(run_dir, recipe) and run_finished(run_dir, budget.pretrain_epochs):
         _logger.info("reusing the float model in %s", run_dir)
-        return run_dir / LAST, _history(run_dir)
-    trainer = Trainer(recipe, callbacks=callbacks, model=_float_model(budget))
+        return run_dir / LAST, read_history(run_dir)
+    trainer = Trainer(recipe, callbacks=callbacks, model=float_model(budget))
     result = _fit(trainer)
     return run_dir / LAST, result.history
-
-
-class PipelineStopped(MCNError):
-    """A stop request (Ctrl-C / SIGTERM) ended the pipeline; the run folder can be resumed."""
 
 
 def _fit(trainer: Trainer) -> TrainResult:
@@ -203,13 +189,13 @@ def finetune_variant(
         _logger.info("reusing the finished run in %s", run_dir)
         return reused
     (run_dir / _VARIANT_FILE).unlink(missing_ok=True)  # stale once a new run starts here
-    model = None if variant.convert else _float_model(budget, float_weights)
+    model = None if variant.convert else float_model(budget, float_weights)
     trainer = Trainer(recipe, callbacks=callbacks, model=model)
     start_top1 = trainer.evaluate()[1] if variant.convert else None
     result = _fit(trainer)
     last = result.history[-1]
     mcn_bits = conv_bits(trainer.model)
-    float_bits = conv_bits(_float_model(budget))  # the unwidened original, also for expand
+    float_bits = conv_bits(float_model(budget))  # the unwidened original, also for expand
     outcome = VariantResult(
         label=variant.label,
         top1=last.val_top1,
@@ -225,7 +211,7 @@ def finetune_variant(
 
 
 def _save_variant(result: VariantResult, float_weights: Path) -> None:
-    from mcn_compress.checkpoint import atomic_write
+    from mcn_compress.formats.atomic import atomic_write
 
     data = {
         **asdict(result),
@@ -278,101 +264,9 @@ def _finished_variant(run_dir: Path, recipe: Recipe, label: str) -> VariantResul
     if not isinstance(data, dict):
         return None
     digest = data.pop(_WEIGHTS_DIGEST, None)
-    if not _same_recipe(run_dir, recipe, digest) or not _finished(run_dir, recipe.optim.epochs):
+    if not _same_recipe(run_dir, recipe, digest) or not run_finished(run_dir, recipe.optim.epochs):
         return None
     try:
         return VariantResult(**{**data, "label": label, "run_dir": run_dir})
     except TypeError:  # written by another version
         return None
-
-
-def conv_bits(model: torch.nn.Module) -> int:
-    """Bits of every conv weight of ``model``: 1 per sign and 32 per M value of an `MCConv2d`,
-    32 per weight of a float conv (DESIGN.md section 6)."""
-    from mcn_compress.nn.mcconv import MCConv2d
-
-    bits = 0
-    for module in model.modules():
-        if isinstance(module, MCConv2d):
-            bits += module.weight.numel() + 32 * module.mfilter.numel()
-        elif isinstance(module, torch.nn.Conv2d):
-            bits += 32 * module.weight.numel()
-    return bits
-
-
-def run_comparison(
-    budget: Budget,
-    variants: list[Variant],
-    out_dir: Path,
-    callbacks_for: Callable[[str], TrainCallbacks | None] = lambda _: None,
-) -> tuple[list[EpochMetrics], list[VariantResult]]:
-    """Pretrain the float model once, then fine-tune every variant under the same budget."""
-    float_weights, history = pretrain_float(budget, out_dir / "float", callbacks_for("float"))
-    results = [
-        finetune_variant(budget, v, float_weights, out_dir / _slug(v.label), callbacks_for(v.label))
-        for v in variants
-    ]
-    return history, results
-
-
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
-
-
-@dataclass
-class QuickstartResult:
-    """Before and after of the quickstart: accuracy and real file sizes."""
-
-    float_top1: float
-    float_bytes: int
-    mcn_top1: float
-    mcn_after_conversion_top1: float | None
-    packed_bytes: int
-    packed_path: Path
-    checkpoint_path: Path
-    conv_bits: int
-    float_conv_bits: int
-    minutes: float
-
-    @property
-    def ratio(self) -> float:
-        return self.float_bytes / self.packed_bytes
-
-
-def quickstart(
-    out_dir: Path,
-    budget: Budget,
-    planes: int = 4,
-    callbacks_for: Callable[[str], TrainCallbacks | None] = lambda _: None,
-) -> QuickstartResult:
-    """Float baseline (reused when already trained) -> MCN K=``planes`` -> fine-tune -> .mcn."""
-    import time
-
-    from mcn_compress.checkpoint import load
-    from mcn_compress.export import export_packed
-    from mcn_compress.report import float32_file_bytes
-
-    start = time.perf_counter()
-    float_weights, history = pretrain_float(budget, out_dir / "float", callbacks_for("float"))
-    variant = Variant(f"MCN keep K={planes}", {"planes": planes})
-    result = finetune_variant(budget, variant, float_weights, out_dir / "mcn", callbacks_for("mcn"))
-    checkpoint = result.run_dir / "best.pt"
-    model = load(checkpoint)
-    packed = export_packed(model, out_dir / "model.mcn")
-    return QuickstartResult(
-        float_top1=history[-1].val_top1,
-        float_bytes=float32_file_bytes(_float_model(budget, float_weights)),
-        mcn_top1=max(m.val_top1 for m in _history(result.run_dir)),
-        mcn_after_conversion_top1=result.after_conversion_top1,
-        packed_bytes=packed.stat().st_size,
-        packed_path=packed,
-        checkpoint_path=checkpoint,
-        conv_bits=result.conv_bits,
-        float_conv_bits=result.float_conv_bits,
-        minutes=(time.perf_counter() - start) / 60,
-    )
-
-
-def _history(run_dir: Path) -> list[EpochMetrics]:
-    data = torch.load(run_dir / LAST, map_location="cpu", weights_only=True)
-    return [EpochMetrics(**m) for m in data["train_state"]["history"]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcn_compress.calibrate import recalibrate_batchnorm
+from mcn_compress.passes.calibrate import recalibrate_batchnorm
 
 
 def _net() -> nn.Sequential:

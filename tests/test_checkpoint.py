@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcn_compress import CheckpointError, MCNConfig, convert, load, load_float_model, save
-from mcn_compress.checkpoint import FORMAT_VERSION, atomic_write, read_checkpoint
+from mcn_compress import CheckpointError, MCNConfig, convert, info_of, load, load_float_model, save
+from mcn_compress.formats.atomic import atomic_write
+from mcn_compress.formats.checkpoint import FORMAT_VERSION, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def test_round_trip_and_contents(mcn: torch.nn.Module, tmp_path: Path) -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), mcn(x))
-    assert reloaded.mcn_config == mcn.mcn_config
+    assert info_of(reloaded).config == info_of(mcn).config
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary left behind
     mask = os.umask(0)
     os.umask(mask)

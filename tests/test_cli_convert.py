@@ -29,7 +29,7 @@ def _assert_one_line_error(result: object, *fragments: str) -> None:
 
 
 def _reconstruction_error(w0: torch.Tensor, signs: torch.Tensor, m: torch.Tensor) -> float:
-    """||W0 - Q||^2 with Q[h*K + j, c] = B[h, c] * M[j] (DESIGN.md section 2)."""
+    """||W0 - Q||^2 with Q[h*K + j, c] = B[h, c] * M[j] (docs/design.md section 2)."""
     q = (signs.unsqueeze(1) * m.unsqueeze(0).unsqueeze(2)).reshape(w0.shape)
     return float((w0 - q).pow(2).sum())
 

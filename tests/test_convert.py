@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcn_compress import ConversionError, MCConv2d, MCNConfig, convert
-from mcn_compress.errors import ConfigError
+from mcn_compress import ConfigError, ConversionError, MCConv2d, MCNConfig, convert, info_of
 
 
 class Toy(nn.Module):
@@ -61,7 +60,7 @@ def test_policy_k4() -> None:
         "unused": "float",
         "head": "float",
     }
-    reasons = {layer.name: layer.reason for layer in mcn.mcn_summary.layers}
+    reasons = {layer.name: layer.reason for layer in info_of(mcn).summary.layers}
     assert "stem" in reasons["stem"]
     assert reasons["head"] == "classifier"
     assert "grouped" in reasons["g"]
@@ -84,7 +83,7 @@ def test_include_exclude_patterns() -> None:
     assert [n for n, k in _kinds(only).items() if k == "mcn"] == ["odd"]
     kept = convert(Toy(), MCNConfig(planes=2, exclude=(r"^(a|odd)$",)))
     assert _kinds(kept)["a"] == "float" and _kinds(kept)["b"] == "mcn"
-    assert "--keep" in next(x.reason for x in kept.mcn_summary.layers if x.name == "a")
+    assert "--keep" in next(x.reason for x in info_of(kept).summary.layers if x.name == "a")
 
 
 def test_nothing_convertible_raises() -> None:
@@ -116,7 +115,7 @@ def test_input_not_mutated_and_output_shape() -> None:
 def test_reported_error_matches_independent_formula() -> None:
     model = Toy()
     mcn = convert(model, MCNConfig(planes=2))
-    for layer in mcn.mcn_summary.converted:
+    for layer in info_of(mcn).summary.converted:
         w0 = model.get_submodule(layer.name).weight.detach()
         mc = mcn.get_submodule(layer.name)
         k = mc.planes
@@ -132,7 +131,7 @@ def test_reported_error_matches_independent_formula() -> None:
 
 def test_fx_failure_falls_back_to_module_swap() -> None:
     mcn = convert(Untraceable(), MCNConfig(planes=4))
-    summary = mcn.mcn_summary
+    summary = info_of(mcn).summary
     assert not summary.traced and summary.trace_error
     assert isinstance(mcn.a, MCConv2d) and isinstance(mcn.stem, nn.Conv2d)
     assert mcn(torch.randn(1, 3, 8, 8)).shape == (1, 10)

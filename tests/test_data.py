@@ -23,7 +23,7 @@ from mcn_compress.data import (
     read_idx,
 )
 from mcn_compress.errors import DataError
-from mcn_compress.recipe import DataRecipe
+from mcn_compress.training.recipe import DataRecipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,4 +1,5 @@
-"""``width: expand`` (DESIGN.md section 2): region finding, widening rules, init, round trips."""
+"""``width: expand`` (docs/design.md section 2): region finding, widening rules, init and
+round trips."""
 
 from __future__ import annotations
 
@@ -13,19 +14,24 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mcn_compress import ConversionError, MCConv2d, MCNConfig, convert, load, save
-from mcn_compress.expand import (
-    expand_model,
-    expanded_error,
-    fit_expanded,
-    plan_expansion,
-    widen_conv,
-    widen_norm_,
+from mcn_compress import (
+    ConversionError,
+    MCConv2d,
+    MCNConfig,
+    ModelSource,
+    convert,
+    export_packed,
+    info_of,
+    load,
+    save,
 )
-from mcn_compress.export import export_packed
-from mcn_compress.models import ModelSource, build_model
+from mcn_compress.info import update_info
+from mcn_compress.models import build_model
+from mcn_compress.nn.expand_init import expanded_error, fit_expanded
 from mcn_compress.nn.init import fit_binary_approximation
-from mcn_compress.tracing import trace
+from mcn_compress.passes.expand import expand_model, plan_expansion
+from mcn_compress.passes.tracing import trace
+from mcn_compress.passes.widen import widen_conv, widen_norm_
 
 # model -> (source, stem conv, input channels); small heads keep the suite fast
 ZOO = {
@@ -42,11 +48,11 @@ ZOO = {
 }
 
 
-def _float_model(name: str) -> nn.Module:
+def float_model(name: str) -> nn.Module:
     """The float model with random BatchNorm statistics and affine parameters (not identity)."""
     source = ZOO[name][0]
     model = build_model(source, pretrained=False)
-    model.mcn_source = source
+    update_info(model, source=source)
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, _BatchNorm):
@@ -178,7 +184,7 @@ def test_widened_float_conv_equals_original(cin: int, cout: int, groups: int) ->
 def test_identity_widening_equals_float_model(name: str) -> None:
     """Every non-conv op widened, convs widened as float: the output equals the float model's,
     in eval mode (running statistics) and train mode (batch statistics)."""
-    model = _float_model(name).double()  # float64: BN on 1x1 maps of 4 images amplifies noise
+    model = float_model(name).double()  # float64: BN on 1x1 maps of 4 images amplifies noise
     wide = expand_model(model, MCNConfig(width="expand", planes=2), binarize=False)
     wide.graph.lint()
     x = _input(name, batch=4).double()
@@ -210,7 +216,7 @@ def test_fit_reproduces_levels_and_beats_keep(k: int, mcn1: bool) -> None:
         errors.append(float((w0 - w_j).norm() ** 2))
     rel = (sum(errors) / k) ** 0.5 / float(w0.norm())
     assert expanded_error(w0, mc.reconstruct(), k) == pytest.approx(rel, rel=1e-5)
-    # the filter-loss minimiser is the chosen M (DESIGN.md section 2)
+    # the filter-loss minimiser is the chosen M (docs/design.md section 2)
     torch.testing.assert_close(mc.filter_loss_minimizer(), mfilter, rtol=1e-5, atol=1e-7)
     # as good as width keep at the same K, and the planes of M are not copies
     keep_signs, keep_m = fit_binary_approximation(w0.repeat(k, 1, 1, 1), k, mcn1=mcn1)
@@ -225,7 +231,7 @@ def test_fit_reproduces_levels_and_beats_keep(k: int, mcn1: bool) -> None:
 # --- the zoo ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_expand_shapes_and_round_trip(name: str, tmp_path: Path) -> None:
-    model = _float_model(name)
+    model = float_model(name)
     k = 2
     wide = convert(model, MCNConfig(width="expand", planes=k)).eval()
     got = {n for n, m in wide.named_modules() if isinstance(m, MCConv2d)}
@@ -235,12 +241,12 @@ def test_zoo_expand_shapes_and_round_trip(name: str, tmp_path: Path) -> None:
         mc, conv = wide.get_submodule(n), originals[n]
         assert (mc.in_channels, mc.out_channels) == (k * conv.in_channels, k * conv.out_channels)
         assert mc.weight.shape == (conv.out_channels, k * conv.in_channels, *conv.kernel_size)
-    summary = wide.mcn_summary
+    summary = info_of(wide).summary
     assert summary.width == "expand" and summary.planes == k
     for layer in summary.converted:
         assert layer.binary_params == k * layer.weight_params  # K times the original bits
         assert layer.rel_error is not None and layer.rel_error < 0.5
-    assert wide.mcn_source == model.mcn_source
+    assert info_of(wide).source == info_of(model).source
     if hasattr(model, "pretrained_cfg"):
         assert wide.pretrained_cfg == model.pretrained_cfg
     x = _input(name)
@@ -251,44 +257,46 @@ def test_zoo_expand_shapes_and_round_trip(name: str, tmp_path: Path) -> None:
         assert torch.equal(reloaded(x), y)
         packed = load(export_packed(wide, tmp_path / "m.mcn"))
         assert torch.equal(packed(x), y)
-    assert not reloaded.training and reloaded.mcn_config == wide.mcn_config
+    assert not reloaded.training and info_of(reloaded).config == info_of(wide).config
 
 
 def test_expand_error_beats_keep_per_layer() -> None:
-    model = _float_model("resnet10t")
+    model = float_model("resnet10t")
     for k in (2, 4):
-        keep = {r.name: r.rel_error for r in convert(model, MCNConfig(planes=k)).mcn_summary.layers}
-        wide = convert(model, MCNConfig(width="expand", planes=k)).mcn_summary
+        keep = {
+            r.name: r.rel_error for r in info_of(convert(model, MCNConfig(planes=k))).summary.layers
+        }
+        wide = info_of(convert(model, MCNConfig(width="expand", planes=k))).summary
         for layer in wide.converted:
             assert layer.rel_error is not None and keep[layer.name] is not None
             assert layer.rel_error < keep[layer.name]
 
 
 def test_regnety_se_and_grouped_convs() -> None:
-    model = _float_model("regnety_002")
+    model = float_model("regnety_002")
     wide = convert(model, MCNConfig(width="expand", planes=2))
     se = wide.get_submodule("s1.b1.se")
     assert isinstance(se.fc1, MCConv2d) and se.fc1.in_channels == 48  # 24 maps x 2 planes
     grouped = wide.get_submodule("s1.b1.conv2.conv")
     assert type(grouped) is nn.Conv2d and grouped.groups == 3 and grouped.in_channels == 48
-    reasons = {r.name: r.reason for r in wide.mcn_summary.layers}
+    reasons = {r.name: r.reason for r in info_of(wide).summary.layers}
     assert "grouped" in reasons["s1.b1.conv2.conv"] and "widened" in reasons["s1.b1.conv2.conv"]
     assert wide.get_submodule("s1.b1.conv1.bn").num_features == 48
 
 
 def test_layers_and_no_initialize_rebuild_the_same_structure() -> None:
-    model = _float_model("mcn_resnet_small")
+    model = float_model("mcn_resnet_small")
     config = MCNConfig(width="expand", planes=4, mcn1=True)
     wide = convert(model, config)
     names = [n for n, m in wide.named_modules() if isinstance(m, MCConv2d)]
     bare = convert(model, config, layers=names, initialize=False)
     shapes = {k: v.shape for k, v in wide.state_dict().items()}
     assert {k: v.shape for k, v in bare.state_dict().items()} == shapes
-    assert all(r.rel_error is None for r in bare.mcn_summary.converted)
+    assert all(r.rel_error is None for r in info_of(bare).summary.converted)
 
 
 def test_calibration_and_progress() -> None:
-    model = _float_model("mcn_resnet_small")
+    model = float_model("mcn_resnet_small")
     calls: list[tuple[str, int, int]] = []
     batches = [torch.randn(8, 1, 28, 28) for _ in range(2)]
     wide = convert(
@@ -307,7 +315,7 @@ def test_calibration_and_progress() -> None:
 def _train_and_spread(spread: float, steps: int = 3) -> tuple[list[float], list[float]]:
     """Plane spreads after the BatchNorms of four layers (train mode), at init and trained."""
     k = 2
-    model = _float_model("mcn_resnet_small")
+    model = float_model("mcn_resnet_small")
     wide = expand_model(model, MCNConfig(width="expand", planes=k), spread=spread).train()
     names = ["stages.0.bn1", "stages.1.bn1", "stages.2.bn1", "stages.2.bn2"]
     seen: dict[str, torch.Tensor] = {}
@@ -347,7 +355,7 @@ def test_equal_m_planes_would_leave_the_last_layer_copies() -> None:
 # --- export ----------------------------------------------------------------------------------
 def test_onnx_export_matches(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    model = _float_model("mcn_resnet_small")
+    model = float_model("mcn_resnet_small")
     wide = convert(model, MCNConfig(width="expand", planes=2)).eval()
     x = torch.randn(2, 1, 28, 28)
     path = tmp_path / "m.onnx"
@@ -362,8 +370,8 @@ def test_onnx_export_matches(tmp_path: Path) -> None:
 
 def test_onnx_exporter_of_the_package(tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    onnx_export = pytest.importorskip("mcn_compress.onnx_export")
-    wide = convert(_float_model("regnety_002"), MCNConfig(width="expand", planes=2)).eval()
+    onnx_export = pytest.importorskip("mcn_compress.formats.onnx")
+    wide = convert(float_model("regnety_002"), MCNConfig(width="expand", planes=2)).eval()
     path = tmp_path / "m.onnx"
     onnx_export.export_onnx(wide, path, weights="packed", input_size=32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

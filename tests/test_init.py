@@ -1,4 +1,4 @@
-"""Tests of the M-Filter initialisation (DESIGN.md section 2, "Initialisation").
+"""Tests of the M-Filter initialisation (docs/design.md section 2, "Initialisation").
 
 The references below are written naively with loops over filters h, planes j and input
 channels c; the library's fitting helpers are only ever the thing under test.
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from mcn_compress import MCConv2d
 from mcn_compress.nn.init import fit_binary_approximation, latent_from_fit
-from mcn_compress.nn.mcconv import MCConv2d
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""Tests of `MCNLoss` (Eq. 3.18, DESIGN.md section 3) against naive references.
+"""Tests of `MCNLoss` (Eq. 3.18, docs/design.md section 3) against naive references.
 
 Filter-loss gradients are checked against the closed forms written with explicit loops; the
 centre update against numbers worked out by hand; the captured features against each model
@@ -19,9 +19,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from mcn_compress.errors import ConfigError
-from mcn_compress.loss import MCNLoss, find_classifier
-from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress import ConfigError, MCConv2d
+from mcn_compress.training.loss import MCNLoss, classifier_of
 
 DT = torch.float64
 
@@ -224,7 +223,7 @@ def test_hook_captures_the_classifier_input(name: str) -> None:
         with torch.no_grad():
             expected = _tv_reference(model, attr, x)
     loss = MCNLoss(model, num_classes=10)
-    assert find_classifier(model) is head
+    assert classifier_of(model) is head
     with torch.no_grad():
         logits = model(x)
     features = loss.pop_features()

@@ -1,4 +1,4 @@
-"""Tests of `MCConv2d` against naive references written from DESIGN.md section 2.
+"""Tests of `MCConv2d` against naive references written from docs/design.md section 2.
 
 Every expected value is computed here with explicit loops over filters h, planes j and input
 channels c; the layer's own helpers are only ever the thing under test.
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress import MCConv2d
 
 DT = torch.float64
 
@@ -74,7 +74,7 @@ def naive_minimizer(c: torch.Tensor, planes: int, mcn1: bool) -> torch.Tensor:
 def closed_form_grads(
     layer: MCConv2d, x: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dL/dC and dL/dM of ``L = sum(y * g)`` from the closed forms of DESIGN.md section 2."""
+    """dL/dC and dL/dM of ``L = sum(y * g)`` from the closed forms of docs/design.md section 2."""
     k_planes = layer.planes
     c = layer.weight.detach()
     m = layer.mfilter.detach()

@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from mcn_compress import ModelLoadError, load_float_model
+from mcn_compress import ModelLoadError, info_of, load_float_model
 from mcn_compress.models import suggest_names
 
 
 def test_timm_and_torchvision_names() -> None:
     timm_model = load_float_model("resnet10t", pretrained=False, num_classes=3, in_chans=1)
-    assert timm_model.mcn_source.library == "timm"
+    assert info_of(timm_model).source.library == "timm"
     assert timm_model.eval()(torch.randn(1, 1, 32, 32)).shape == (1, 3)
     tv_model = load_float_model("tv:resnet18", pretrained=False, num_classes=4)
-    assert tv_model.mcn_source.library == "torchvision"
-    assert tv_model.mcn_source.display_name == "tv:resnet18"
+    assert info_of(tv_model).source.library == "torchvision"
+    assert info_of(tv_model).source.display_name == "tv:resnet18"
     assert tv_model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
 
 
@@ -61,7 +61,7 @@ def test_local_weights_round_trip(suffix: str, tmp_path: Path) -> None:
     model = load_float_model("resnet10t", weights=path, num_classes=6)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
-    assert model.mcn_source.weights == str(path)
+    assert info_of(model).source.weights == str(path)
 
 
 def test_weights_that_do_not_fit(tmp_path: Path) -> None:

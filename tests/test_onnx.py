@@ -1,4 +1,4 @@
-"""Tests of the ONNX export (`mcn_compress.onnx_export`) and `mcn-compress export --format onnx`.
+"""Tests of the ONNX export (`mcn_compress.formats.onnx`) and `mcn-compress export --format onnx`.
 
 References are independent of the exporter: PyTorch eval outputs of the source model, sign bits
 decoded with numpy's ``unpackbits`` (little bit order) and compared with ``C >= 0``, shapes and
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +20,21 @@ from onnx import numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from mcn_compress.checkpoint import save
+from mcn_compress import (
+    ConfigError,
+    MCConv2d,
+    MCNConfig,
+    convert,
+    export_onnx,
+    load_float_model,
+    save,
+)
 from mcn_compress.cli import app
-from mcn_compress.config import MCNConfig
-from mcn_compress.convert import convert
-from mcn_compress.errors import ConfigError, ExportError
-from mcn_compress.models import load_float_model
-from mcn_compress.nn.mcconv import MCConv2d
-from mcn_compress.onnx_export import export_onnx
+from mcn_compress.errors import ExportError
 
 ort = pytest.importorskip("onnxruntime")
 
 REL_TOL = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of the packed 1-bit file (`mcn_compress.export`) and `mcn-compress export`.
+"""Tests of the packed 1-bit file (`mcn_compress.formats.packed`) and `mcn-compress export`.
 
 References are written here: sign bits via numpy's ``packbits`` (little bit order), the
 theoretical minimum counted from the checkpoint's own state dict, outputs compared with the
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,32 +19,21 @@ from torch import nn
 from typer.testing import CliRunner
 
 import mcn_compress
-from mcn_compress.checkpoint import save
-from mcn_compress.cli import app
-from mcn_compress.config import MCNConfig
-from mcn_compress.convert import convert
-from mcn_compress.errors import CheckpointError
-from mcn_compress.export import (
+from mcn_compress import (
+    CheckpointError,
+    MCConv2d,
+    MCNConfig,
+    convert,
     export_packed,
-    load_model_file,
-    load_packed,
-    pack_signs,
-    unpack_signs,
+    info_of,
+    load_float_model,
+    save,
 )
-from mcn_compress.models import load_float_model
-from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.cli import app
+from mcn_compress.formats.load import load
+from mcn_compress.formats.packed import load_packed, pack_signs, unpack_signs
 
 SLACK = 16 * 1024
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these small forwards gain nothing from more, and lose a lot when
-    the cores are shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +162,7 @@ def test_round_trip_is_exact_and_within_bound(name: str, tmp_path: Path) -> None
     got16 = outputs(loaded16, x)
     scale = expected.abs().max()
     assert (got16 - expected).abs().max() <= 0.05 * scale
-    assert loaded16.mcn_packed_float16 is True
+    assert info_of(loaded16).packed_float16 is True
 
 
 @pytest.mark.parametrize("config", [MCNConfig(planes=2, mcn1=True), MCNConfig(planes=1)])
@@ -182,7 +170,7 @@ def test_round_trip_other_configs(config: MCNConfig, tmp_path: Path) -> None:
     float_model = load_float_model("test_resnet", pretrained=False)
     model = scramble(convert(float_model, config, initialize=False)).eval()
     loaded = load_packed(export_packed(model, tmp_path / "m.mcn"))
-    assert loaded.mcn_config == config
+    assert info_of(loaded).config == config
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(outputs(loaded, x), outputs(model, x))
 
@@ -357,7 +345,7 @@ def test_load_bad_packed_file_raises_checkpoint_error(
 ) -> None:
     bad = make_bad(kind, good_files, tmp_path)
     with pytest.raises(CheckpointError) as info:
-        load_model_file(bad)
+        load(bad)
     assert "\n" not in str(info.value)
     assert str(bad) in str(info.value)
 

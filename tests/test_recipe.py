@@ -13,13 +13,11 @@ import torch
 import yaml
 from torch import nn
 
-from mcn_compress.config import MCNConfig
-from mcn_compress.errors import ConfigError, MCNError
-from mcn_compress.nn.mcconv import MCConv2d
-from mcn_compress.recipe import (
+from mcn_compress import ConfigError, MCConv2d, MCNConfig, MCNError
+from mcn_compress.training.optim import build_param_groups
+from mcn_compress.training.recipe import (
     Recipe,
     apply_overrides,
-    build_param_groups,
     dump_recipe,
     load_recipe,
     recipe_from_dict,

@@ -19,8 +19,12 @@ from typer.testing import CliRunner
 
 from mcn_compress import load
 from mcn_compress.cli import app
-from mcn_compress.recipe import load_recipe, recipe_from_dict
-from mcn_compress.train import EpochMetrics, Trainer, TrainingDiverged, lr_factor, topk_correct
+from mcn_compress.errors import TrainingDiverged
+from mcn_compress.evaluate import topk_correct
+from mcn_compress.training.optim import lr_factor
+from mcn_compress.training.recipe import load_recipe, recipe_from_dict
+from mcn_compress.training.run_dir import EpochMetrics
+from mcn_compress.training.trainer import Trainer
 
 
 class _Recorder:
@@ -170,8 +174,8 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
 
 WORKER = """
 import sys, torch, torch.distributed as dist
-from mcn_compress.recipe import load_recipe
-from mcn_compress.train import Trainer
+from mcn_compress.training.recipe import load_recipe
+from mcn_compress.training.trainer import Trainer
 trainer = Trainer(load_recipe(sys.argv[1]))
 trainer.fit()
 centers = [torch.zeros_like(trainer.criterion.centers) for _ in range(2)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcn_compress import MCConv2d, MCNConfig, convert, load, load_float_model, save
+from mcn_compress import MCConv2d, MCNConfig, convert, info_of, load, load_float_model, save
 
 # model name -> its stem conv (the first conv the input meets)
 ZOO = {
@@ -27,7 +27,7 @@ ZOO = {
 
 
 def _expected_converted(model: nn.Module, stem: str, k: int) -> set[str]:
-    """DESIGN.md section 2 policy, written independently: plain Conv2d, groups 1, divisible."""
+    """docs/design.md section 2 policy, written independently: plain Conv2d, groups 1, divisible."""
     return {
         name
         for name, m in model.named_modules()
@@ -48,7 +48,7 @@ def test_zoo_convert_and_round_trip(name: str, tmp_path: Path) -> None:
     mcn = convert(model, MCNConfig(planes=4)).eval()
     got = {n for n, m in mcn.named_modules() if isinstance(m, MCConv2d)}
     assert got == expected
-    assert mcn.mcn_summary.traced
+    assert info_of(mcn).summary.traced
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         y = mcn(x)

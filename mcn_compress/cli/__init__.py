@@ -12,6 +12,7 @@ from mcn_compress.cli.export import export_command
 from mcn_compress.cli.finetune import finetune_command
 from mcn_compress.cli.quickstart import quickstart_command
 from mcn_compress.cli.report import report_command
+from mcn_compress.version import __version__
 
 app = typer.Typer(
     name="mcn-compress",
@@ -24,9 +25,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        import mcn_compress
-
-        typer.echo(f"mcn-compress {mcn_compress.__version__}")
+        typer.echo(f"mcn-compress {__version__}")
         raise typer.Exit()
 
 

@@ -11,15 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, err, out, print_json
 from mcn_compress.cli.render import layer_table, summary_table
-from mcn_compress.errors import CheckpointError, ConfigError
+from mcn_compress.errors import ConfigError, OutputError
+from mcn_compress.info import info_of
 
 
 def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise CheckpointError(f"--out {path} is a directory; give a file name such as model.pt")
+        raise OutputError(f"--out {path} is a directory; give a file name such as model.pt")
     if not parent.is_dir():
-        raise CheckpointError(f"--out {path}: directory {parent} does not exist")
+        raise OutputError(f"--out {path}: directory {parent} does not exist")
 
 
 def _progress(quiet: bool) -> Progress:
@@ -95,10 +96,10 @@ def convert_command(
 
       mcn-compress convert resnet50 --no-pretrained --keep 'layer4' --json -o r50.pt
     """
-    from mcn_compress.checkpoint import save
     from mcn_compress.config import MCNConfig
-    from mcn_compress.convert import convert
+    from mcn_compress.formats.checkpoint import save
     from mcn_compress.models import load_float_model
+    from mcn_compress.passes.convert import convert
 
     show = not (quiet or json_output)
     with cli_errors():
@@ -139,13 +140,14 @@ def convert_command(
 
             mcn = convert(float_model, config, progress=on_layer)
             if calibration is not None:
-                from mcn_compress.calibrate import recalibrate_batchnorm
+                from mcn_compress.passes.calibrate import recalibrate_batchnorm
 
                 n = len(calibration.dataset)  # type: ignore[arg-type]
                 cal = bar.add_task("Calibrating BN", total=n, item="images")
                 recalibrate_batchnorm(mcn, calibration, progress=lambda k: bar.advance(cal, k))
         save(mcn, out_path)
-        summary = mcn.mcn_summary
+        summary = info_of(mcn).summary
+        assert summary is not None
     if json_output:
         print_json({"model": model, "out": str(out_path), **summary.to_dict()})
     elif show:

@@ -10,29 +10,29 @@ from typing import Annotated
 import typer
 
 from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, out, print_json
-from mcn_compress.errors import CheckpointError, ConfigError
+from mcn_compress.errors import ConfigError, OutputError
+from mcn_compress.formats.onnx import WEIGHT_LAYOUTS
 
 
 class ExportFormat(str, Enum):
-    """Export targets (DESIGN.md section 4: packed 1-bit file, ONNX)."""
+    """Export targets (docs/design.md section 4: packed 1-bit file, ONNX)."""
 
     packed = "packed"
     onnx = "onnx"
 
 
-class OnnxWeights(str, Enum):
-    """How ONNX stores the converted convs' weights (`mcn_compress.onnx_export`)."""
-
-    packed = "packed"
-    folded = "folded"
+OnnxWeights = Enum(  # type: ignore[misc]
+    "OnnxWeights", {name: name for name in WEIGHT_LAYOUTS}, type=str
+)
+"""How ONNX stores the converted convs' weights (`formats.onnx.WEIGHT_LAYOUTS`)."""
 
 
 def _check_output(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise CheckpointError(f"--out {path} is a directory; give a file name such as model.mcn")
+        raise OutputError(f"--out {path} is a directory; give a file name such as model.mcn")
     if not parent.is_dir():
-        raise CheckpointError(f"--out {path}: directory {parent} does not exist")
+        raise OutputError(f"--out {path}: directory {parent} does not exist")
 
 
 def _parse_input_size(text: str | None) -> tuple[int, ...] | None:
@@ -100,8 +100,9 @@ def export_command(
 
       mcn-compress export model.pt -f onnx --weights folded --input-size 3,160,160 -o m.onnx
     """
-    from mcn_compress.export import export_packed, load_model_file
-    from mcn_compress.report import size_bound, storage_counts
+    from mcn_compress.formats.load import load
+    from mcn_compress.formats.packed import export_packed
+    from mcn_compress.profile import size_bound, storage_counts
 
     with cli_errors():
         _check_output(out_path)
@@ -109,7 +110,7 @@ def export_command(
             if float16:
                 raise ConfigError("--float16 applies to --format packed only")
             size_hint = _parse_input_size(input_size)
-            model = load_model_file(model_path)
+            model = load(model_path)
             result = {
                 "input": str(model_path),
                 **_export_onnx(model, out_path, weights, opset, size_hint, dynamic_batch),
@@ -128,7 +129,7 @@ def export_command(
             if onnx_only:
                 verb = "applies" if len(onnx_only) == 1 else "apply"
                 raise ConfigError(f"{', '.join(onnx_only)} {verb} to --format onnx only")
-            model = load_model_file(model_path)
+            model = load(model_path)
             export_packed(model, out_path, float16=float16, parent=str(model_path))
             size = out_path.stat().st_size
             minimum = storage_counts(model, 2 if float16 else None).min_bytes
@@ -177,7 +178,8 @@ def _export_onnx(
     dynamic_batch: bool,
 ) -> dict[str, object]:
     """Call the library's ONNX exporter; returns the JSON-ready result."""
-    from mcn_compress.onnx_export import DEFAULT_OPSET, export_onnx
+    from mcn_compress.formats.onnx import export_onnx
+    from mcn_compress.formats.onnx_torch import DEFAULT_OPSET
 
     result = export_onnx(
         model,  # type: ignore[arg-type]

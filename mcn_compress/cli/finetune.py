@@ -135,8 +135,8 @@ def finetune_command(
 
       mcn-compress finetune -r recipes/cifar10.yaml --set optim.epochs=2 --set data.root=/data
     """
-    from mcn_compress.recipe import load_recipe
-    from mcn_compress.train import Trainer
+    from mcn_compress.training.recipe import load_recipe
+    from mcn_compress.training.trainer import Trainer
 
     show = not (quiet or json_output)
     with cli_errors():

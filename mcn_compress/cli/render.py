@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from mcn_compress.summary import ConversionSummary
+from mcn_compress.passes.summary import ConversionSummary
 
 
 def human_bits(bits: int) -> str:

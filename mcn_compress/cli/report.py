@@ -1,6 +1,6 @@
 """`mcn-compress report PATH [PATH ...]`: sizes (real files), counts, latency and accuracy.
 
-Numbers come from `mcn_compress.report` (profiles, accuracy, training curves); this module only
+Numbers come from `mcn_compress.profile` (profiles, accuracy, training curves); this module only
 parses the options and renders the numbers as a Rich table (one column per model), Markdown,
 JSON or CSV, with a progress bar while models are evaluated.
 """
@@ -12,7 +12,7 @@ import io
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
 from rich.progress import (
@@ -29,20 +29,17 @@ from rich.table import Table
 
 from mcn_compress.cli._common import cli_errors, err, out, print_json
 from mcn_compress.errors import ConfigError
-from mcn_compress.report import LayerProfile, ModelProfile
+from mcn_compress.profile import LayerProfile, ModelProfile
+from mcn_compress.training.recipe import DatasetName
 
 if TYPE_CHECKING:
-    from mcn_compress.recipe import DataRecipe
+    from mcn_compress.training.recipe import DataRecipe
 
 
-class DataChoice(str, Enum):
-    """The recipe's ``data.dataset`` choices (`recipe.DatasetName`)."""
-
-    imagefolder = "imagefolder"
-    cifar10 = "cifar10"
-    cifar100 = "cifar100"
-    fashion_mnist = "fashion_mnist"
-    synthetic = "synthetic"
+DataChoice = Enum(  # type: ignore[misc]
+    "DataChoice", {name: name for name in get_args(DatasetName)}, type=str
+)
+"""The recipe's ``data.dataset`` choices (`training.recipe.DatasetName`), as Typer choices."""
 
 
 class ReportFormat(str, Enum):
@@ -250,7 +247,7 @@ DATA_OPTIONS = {
 def data_recipe(dataset: DataChoice | None, **options: Any) -> DataRecipe | None:
     """The `DataRecipe` of the ``--data`` options (None without ``--data``); its validation
     errors are reported with the option names."""
-    from mcn_compress.recipe import DataRecipe
+    from mcn_compress.training.recipe import DataRecipe
 
     given = {k: v for k, v in options.items() if v is not None}
     if dataset is None:
@@ -271,7 +268,8 @@ def data_recipe(dataset: DataChoice | None, **options: Any) -> DataRecipe | None
 
 def _check_plot(plot: Path | None, paths: Sequence[Path]) -> None:
     """Refuse --plot before any work: non-run paths, runs without metrics, missing matplotlib."""
-    from mcn_compress.report import RUN_METRICS, plot_format, read_run
+    from mcn_compress.plot import plot_format
+    from mcn_compress.training.run_dir import RUN_METRICS, read_run
 
     if plot is None:
         return
@@ -381,7 +379,8 @@ def report_command(
 
       mcn-compress report runs/k4 runs/k2 --plot curves.png
     """
-    from mcn_compress.report import plot_training_curves, profile_paths
+    from mcn_compress.plot import plot_training_curves
+    from mcn_compress.profile import profile_paths
 
     with cli_errors():
         data_cfg = data_recipe(

@@ -1,4 +1,4 @@
-"""M-Filter initialisation from pretrained filters (DESIGN.md section 2, "Initialisation").
+"""M-Filter initialisation from pretrained filters (docs/design.md section 2, "Initialisation").
 
 Given a pretrained weight ``W0`` of shape ``(H*K, Cin, kh, kw)`` we choose binary filters
 ``B`` (``H x Cin x kh x kw``) and an M-Filter ``M`` (``K x kh x kw``, or ``K x 1 x 1`` for
@@ -65,7 +65,7 @@ def latent_from_fit(
     C keeps the pretrained ordering of magnitudes: it is the projection
     ``P[h, c] = sum_j W0[h*K + j, c] * M[j]`` (whose sign is ``signs`` by construction), rescaled
     per input plane ``k = c mod K`` so that ``mean over (h, g) of |C[h, g*K + k]| = |M[k]|``,
-    the closed-form minimiser of the filter loss (DESIGN.md section 2).
+    the closed-form minimiser of the filter loss (docs/design.md section 2).
     """
     planes = mfilter.shape[0]
     h, cin, kh, kw = signs.shape
@@ -86,7 +86,7 @@ def latent_from_fit(
 
 
 def relative_error(w0: torch.Tensor, q: torch.Tensor) -> float | None:
-    """``||W0 - Q|| / ||W0||`` (DESIGN.md section 2), in float64; None when ``W0`` is zero."""
+    """``||W0 - Q|| / ||W0||`` (docs/design.md section 2), in float64; None when ``W0`` is zero."""
     norm = torch.linalg.vector_norm(w0.detach().double())
     if norm == 0:
         return None

@@ -1,5 +1,5 @@
 """`MCConv2d`: the modulated convolution of Wang et al., "Modulated Convolutional Networks",
-CVPR 2018 (DESIGN.md section 2; Eq. 3.13-3.17 of the MCN chapter).
+CVPR 2018 (docs/design.md section 2; Eq. 3.13-3.17 of the MCN chapter).
 
 Parameters: latent filters ``C`` (``weight``, shape ``(out // K, in // groups, kh, kw)``) and the
 M-Filter ``M`` (``mfilter``, shape ``(K, kh, kw)``, or ``(K, 1, 1)`` for MCNs-1). Forward:
@@ -198,7 +198,8 @@ class MCConv2d(nn.Module):
         clip: float = 1.0,
         init_iters: int = 10,
     ) -> MCConv2d:
-        """Build an MCConv2d approximating ``conv``'s weight by least squares (DESIGN.md §2).
+        """Build an MCConv2d approximating ``conv``'s weight by least squares (docs/design.md
+        section 2).
 
         Signs and M are fitted by alternating closed-form steps; the latent C has those signs
         and the filter-loss minimiser ``|M|``. The bias is copied.

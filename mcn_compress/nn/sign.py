@@ -1,6 +1,6 @@
 """`ste_sign`: binarization with a clipped straight-through estimator.
 
-Forward: ``sign(x)`` with ``sign(0) = +1`` (DESIGN.md section 2, Eq. 3.13 of the MCN chapter).
+Forward: ``sign(x)`` with ``sign(0) = +1`` (docs/design.md section 2, Eq. 3.13 of the MCN chapter).
 Backward: the incoming gradient passes unchanged where ``|x| <= clip`` and is zero elsewhere
 (the straight-through estimator of Hubara et al. 2016, as used by Wang et al., CVPR 2018).
 """

@@ -1,4 +1,4 @@
-"""The packed 1-bit file (``model.mcn``): what DESIGN.md section 2 says is kept after training.
+"""The packed 1-bit file (``model.mcn``): what docs/design.md section 2 says is kept after training.
 
 Stored: the sign bits B of every `MCConv2d` packed 8 per byte, and every other state-dict entry
 (M-Filters, biases, float layers, BatchNorm parameters and buffers) at its own dtype, or float16
@@ -26,7 +26,7 @@ means -1; the unused high bits of a layer's last byte are 0 and every layer star
 
 One index entry costs a few bytes after compression, so the file stays within 1% + 16 KiB of
 the theoretical minimum (sign bits / 8 + bytes of the stored float and integer values) even for
-small heads; `mcn_compress.report` measures it.
+small heads; `mcn_compress.profile` measures it.
 """
 
 from __future__ import annotations
@@ -44,13 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcn_compress.checkpoint import (
-    atomic_write,
-    checkpoint_dict,
-    model_from_checkpoint,
-    read_checkpoint,
-)
-from mcn_compress.errors import CheckpointError, MCNError
+from mcn_compress.errors import CheckpointError
+from mcn_compress.formats.atomic import atomic_write
+from mcn_compress.formats.checkpoint import checkpoint_dict, model_from_checkpoint
+from mcn_compress.info import info_of, update_info
 
 _logger = logging.getLogger(__name__)
 
@@ -119,7 +116,7 @@ def pack_model(model: nn.Module, float16: bool = False, *, parent: str | None = 
     """The packed file of a converted ``model`` as bytes (see the module docstring)."""
     from safetensors.torch import save as st_save
 
-    metadata = dict(getattr(model, "mcn_metadata", None) or {})
+    metadata = dict(info_of(model).metadata)
     data = checkpoint_dict(
         model, parent=parent or metadata.get("parent"), metrics=metadata.get("metrics")
     )
@@ -156,8 +153,8 @@ def export_packed(
     """Write the packed 1-bit file of a converted ``model`` to ``path`` atomically.
 
     Args:
-        model: an MCN model from `convert` or `load` (it must carry ``mcn_source`` and
-            ``mcn_config``).
+        model: an MCN model from `convert` or `load` (it must carry ``mcn_info`` with a
+            source and a config).
         path: the output file (``model.mcn`` by convention); written via a temporary file.
         float16: store float parts as float16 (half the bytes; outputs then close, not equal).
         parent: the file ``model`` was read from, recorded in the metadata.
@@ -173,62 +170,6 @@ def export_packed(
 
 
 # --- reading --------------------------------------------------------------------------------
-def looks_packed(path: str | Path) -> bool:
-    """True if ``path`` starts like a safetensors file (8-byte length, then ``{``).
-
-    A cheap content sniff used by `checkpoint.load` to dispatch; `load_packed` validates fully.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def sniff_format(path: str | Path) -> str | None:
-    """``"packed"``, ``"checkpoint"`` (a torch zip archive) or None, from the first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return None
-    if len(head) == 9 and head[8:9] == b"{":
-        return "packed"
-    if head.startswith(b"PK\x03\x04"):
-        return "checkpoint"
-    return None
-
-
-def load_model_file(path: str | Path) -> nn.Module:
-    """Load a checkpoint or a packed file, refusing anything else before parsing it.
-
-    Unlike `checkpoint.load` this never hands a foreign file to ``torch.load`` (a file that
-    starts like neither format raises `CheckpointError` at once), and any error the unpickler
-    raises on a damaged checkpoint becomes a `CheckpointError` too.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a model file")
-    kind = sniff_format(path)
-    if kind is None:
-        if path.stat().st_size == 0:
-            raise CheckpointError(f"{path} is empty")
-        raise CheckpointError(
-            f"{path} is not an mcn-compress checkpoint or packed file (unknown format, or "
-            "truncated)"
-        )
-    if kind == "packed":
-        return load_packed(path)
-    try:
-        data = read_checkpoint(path)
-    except MCNError:
-        raise
-    except Exception as exc:  # torch's unpickler raises anything on damaged bytes
-        raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__})") from exc
-    return model_from_checkpoint(data, origin=str(path))
 
 
 def _read_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]]:
@@ -279,7 +220,7 @@ def _read_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]
 def read_packed(path: str | Path) -> dict[str, Any]:
     """Read and validate a packed file into checkpoint-dict form (signs as ±1 latent weights).
 
-    The result has the fields `checkpoint.model_from_checkpoint` rebuilds from, plus
+    The result has the fields `formats.checkpoint.model_from_checkpoint` rebuilds from, plus
     ``float16``. Foreign, truncated or corrupt files raise `CheckpointError`.
     """
     from safetensors import SafetensorError
@@ -351,11 +292,11 @@ def _unpack_index(
 def load_packed(path: str | Path) -> nn.Module:
     """Rebuild the MCN model of a packed file, in eval mode (see the module docstring).
 
-    The architecture is rebuilt like a checkpoint's (`checkpoint.model_from_checkpoint`):
+    The architecture is rebuilt like a checkpoint's (`formats.checkpoint.model_from_checkpoint`):
     float model without downloads, converted at the stored layer names, then every entry
     loaded. Without ``float16`` its outputs equal those of the model that was exported.
     """
     data = read_packed(path)
     model = model_from_checkpoint(data, origin=str(path))
-    model.mcn_packed_float16 = data["float16"]  # type: ignore[assignment]
+    update_info(model, packed_float16=data["float16"])
     return model

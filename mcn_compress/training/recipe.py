@@ -1,7 +1,7 @@
 """Fine-tuning recipes: a typed YAML schema, ``--set`` overrides and the resolved dump.
 
 A recipe is a YAML file with the sections ``model``, ``data``, ``optim``, ``loss`` (the weights
-of Eq. 3.18, DESIGN.md section 3), ``runtime`` and ``output``. `load_recipe` validates it
+of Eq. 3.18, docs/design.md section 3), ``runtime`` and ``output``. `load_recipe` validates it
 against the dataclasses below and raises one `ConfigError` that names the file, every bad key
 path and what was expected. As in timm's ``train.py``, the file sets the values, command-line
 ``--set key.path=value`` overrides them, and the resolved recipe is written next to the run
@@ -20,20 +20,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from torch import nn
 
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import ConfigError
-from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.training.schema import (
+    INVALID,
+    Mismatch,
+    build_dataclass,
+    coerce,
+    describe_type,
+    join_key,
+    problems_error,
+    raise_if,
+    show_value,
+    strip_optional,
+    type_hints,
+)
 
 DatasetName = Literal["imagefolder", "cifar10", "cifar100", "fashion_mnist", "synthetic"]
 OptimizerName = Literal["sgd", "adamw"]
@@ -43,21 +51,6 @@ AmpMode = Literal["off", "bf16", "fp16"]
 
 #: datasets whose ``data.root`` has no default location
 ROOT_REQUIRED: tuple[str, ...] = ("imagefolder", "cifar10", "cifar100")
-
-
-class _FieldProblems(ConfigError):
-    """Raised by a section's checks: ``problems`` is a list of (key, what was expected)."""
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__(
-            "; ".join(f"{key}: {message}" if key else message for key, message in problems)
-        )
-
-
-def _raise_if(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise _FieldProblems(problems)
 
 
 # ------------------------------------------------------------------------------------------
@@ -107,7 +100,7 @@ class ModelRecipe:
         for key in ("checkpoint", "name", "weights", "teacher"):
             if getattr(self, key) == "":
                 problems.append((key, "expected a non-empty string or null"))
-        _raise_if(problems)
+        raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,14 +139,14 @@ class DataRecipe:
             value = getattr(self, key)
             if value is not None and value < 1:
                 problems.append((key, f"expected a positive integer or null, got {value}"))
-        _raise_if(problems)
+        raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimRecipe:
     """Optimiser and schedule. Latent C uses ``lr`` (eta1), the M-Filters ``lr_mfilter``
-    (eta2, DESIGN.md section 3; default ``lr / 10``) without weight decay. ``momentum`` is SGD's
-    momentum or AdamW's beta1. ``milestones`` / ``gamma`` shape the ``step`` schedule (default
+    (eta2, docs/design.md section 3; default ``lr / 10``) without weight decay. ``momentum`` is
+    SGD's momentum or AdamW's beta1. ``milestones`` / ``gamma`` shape the ``step`` schedule (default
     milestones at 1/2 and 3/4 of the epochs).
     """
 
@@ -200,7 +193,7 @@ class OptimRecipe:
             )
         if not 0 < self.gamma <= 1:
             problems.append(("gamma", f"expected a number in (0, 1], got {self.gamma}"))
-        _raise_if(problems)
+        raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,7 +217,7 @@ class LossRecipe:
             problems.append(("alpha", f"expected a number in (0, 1], got {self.alpha}"))
         if not self.temperature > 0:
             problems.append(("temperature", f"expected a number > 0, got {self.temperature}"))
-        _raise_if(problems)
+        raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,7 +235,7 @@ class RuntimeRecipe:
             problems.append(("amp", "fp16 autocast needs a CUDA device; use bf16 on cpu"))
         if self.seed < 0:
             problems.append(("seed", f"expected an integer >= 0, got {self.seed}"))
-        _raise_if(problems)
+        raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,7 +245,7 @@ class OutputRecipe:
     dir: str
 
     def __post_init__(self) -> None:
-        _raise_if([("dir", "expected a non-empty path")] if not self.dir else [])
+        raise_if([("dir", "expected a non-empty path")] if not self.dir else [])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,167 +263,12 @@ class Recipe:
         problems: list[tuple[str, str]] = []
         if self.loss.distill > 0 and self.model.teacher is None:
             problems.append(("loss.distill", "distillation needs model.teacher"))
-        _raise_if(problems)
+        raise_if(problems)
 
 
 # ------------------------------------------------------------------------------------------
 # generic validation of nested dataclasses
 # ------------------------------------------------------------------------------------------
-class _Mismatch(Exception):
-    """A value does not have the expected type."""
-
-
-_INVALID: Any = object()
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_YAML_WORDS: dict[bool, tuple[str, ...]] = {
-    False: ("off", "no", "false", "n"),
-    True: ("on", "yes", "true", "y"),
-}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_union(tp: Any) -> bool:
-    return typing.get_origin(tp) in (Union, types.UnionType)
-
-
-def _strip_optional(tp: Any) -> Any:
-    if _is_union(tp):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(inner) == 1:
-            return inner[0]
-    return tp
-
-
-def _describe(tp: Any) -> str:
-    """What a value of type ``tp`` must look like, in words."""
-    if _is_union(tp):
-        inner = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(inner) + " or null"
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    if origin in (tuple, list):
-        return (
-            f"a list of {_describe(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
-        )
-    if dataclasses.is_dataclass(tp):
-        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path and key else path or key
-
-
-def _coerce(value: Any, tp: Any, path: str, problems: list[tuple[str, str]]) -> Any:
-    """``value`` checked against ``tp`` (converted where YAML is lax); raises `_Mismatch`."""
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return _build(tp, {} if value is None else value, path, problems)
-    if _is_union(tp):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, path, problems)
-            except _Mismatch:
-                continue
-        raise _Mismatch
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, bool):
-            value = next((c for c in choices if c in _YAML_WORDS[value]), value)
-        if any(type(value) is type(c) and value == c for c in choices):
-            return value
-        raise _Mismatch
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise _Mismatch
-        item = typing.get_args(tp)[0]
-        items = [_coerce(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    if tp is bool and isinstance(value, bool):
-        return value
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)
-    if tp is str and isinstance(value, str):
-        return value
-    raise _Mismatch
-
-
-def _build(cls: type, data: Any, path: str, problems: list[tuple[str, str]]) -> Any:
-    """Instantiate dataclass ``cls`` from mapping ``data``, appending problems on failure."""
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    if not isinstance(data, Mapping):
-        problems.append((path, f"expected {_describe(cls)}, got {_show(data)}"))
-        return _INVALID
-    hints = _hints(cls)
-    ok = True
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {_join(path, close[0])}?)" if close else ""
-            problems.append(
-                (_join(path, str(key)), f"unknown key{hint}; expected one of {', '.join(fields)}")
-            )
-            ok = False
-    kwargs: dict[str, Any] = {}
-    for name, fld in fields.items():
-        sub = _join(path, name)
-        if name not in data:
-            required = fld.default is dataclasses.MISSING and (
-                fld.default_factory is dataclasses.MISSING
-            )
-            if required:
-                problems.append((sub, f"missing required value ({_describe(hints[name])})"))
-                ok = False
-            continue
-        before = len(problems)
-        try:
-            value = _coerce(data[name], hints[name], sub, problems)
-        except _Mismatch:
-            problems.append((sub, f"expected {_describe(hints[name])}, got {_show(data[name])}"))
-            ok = False
-            continue
-        if value is _INVALID or len(problems) > before:
-            ok = False
-            continue
-        kwargs[name] = value
-    if not ok:
-        return _INVALID
-    try:
-        return cls(**kwargs)
-    except _FieldProblems as exc:
-        problems.extend((_join(path, key), message) for key, message in exc.problems)
-    except ConfigError as exc:
-        problems.append((path, str(exc)))
-    return _INVALID
-
-
-def _fail(source: str, problems: list[tuple[str, str]]) -> ConfigError:
-    parts = [f"{key}: {message}" if key else message for key, message in problems]
-    if len(parts) == 1:
-        return ConfigError(f"{source}: {parts[0]}")
-    return ConfigError(f"{source}: {len(parts)} problems: " + "; ".join(parts))
 
 
 # ------------------------------------------------------------------------------------------
@@ -441,9 +279,9 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     if data is None:
         raise ConfigError(f"{source}: the recipe is empty")
     problems: list[tuple[str, str]] = []
-    recipe = _build(Recipe, data, "", problems)
-    if problems or recipe is _INVALID:
-        raise _fail(source, problems or [("", "invalid recipe")])
+    recipe = build_dataclass(Recipe, data, "", problems)
+    if problems or recipe is INVALID:
+        raise problems_error(source, problems or [("", "invalid recipe")])
     return recipe
 
 
@@ -466,7 +304,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if data is None:
         raise ConfigError(f"{path}: the recipe is empty")
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected {_describe(Recipe)}, got {_show(data)}")
+        raise ConfigError(f"{path}: expected {describe_type(Recipe)}, got {show_value(data)}")
     if overrides:
         data = apply_overrides(data, overrides)
     return recipe_from_dict(data, source=str(path))
@@ -476,19 +314,19 @@ def _override_type(keys: list[str], text: str) -> Any:
     """The schema type at ``keys``; unknown keys raise `ConfigError`."""
     tp: Any = Recipe
     for depth, key in enumerate(keys):
-        tp = _strip_optional(tp)
+        tp = strip_optional(tp)
         prefix = ".".join(keys[:depth])
         if not (dataclasses.is_dataclass(tp) and isinstance(tp, type)):
             raise ConfigError(f"--set {text}: {prefix} is a value, not a section")
         names = [f.name for f in dataclasses.fields(tp)]
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {_join(prefix, close[0])}?)" if close else ""
+            hint = f" (did you mean {join_key(prefix, close[0])}?)" if close else ""
             raise ConfigError(
-                f"--set {text}: unknown key {_join(prefix, key)}{hint}; expected one of "
+                f"--set {text}: unknown key {join_key(prefix, key)}{hint}; expected one of "
                 f"{', '.join(names)}"
             )
-        tp = _hints(tp)[key]
+        tp = type_hints(tp)[key]
     return tp
 
 
@@ -499,7 +337,7 @@ def apply_overrides(recipe_dict: Mapping[str, Any], overrides: Sequence[str]) ->
     None, ``[a, b]`` a list). Unknown keys and values of the wrong type raise `ConfigError`.
     """
     if not isinstance(recipe_dict, Mapping):
-        raise ConfigError(f"the recipe must be a mapping, got {_show(recipe_dict)}")
+        raise ConfigError(f"the recipe must be a mapping, got {show_value(recipe_dict)}")
     result: dict[str, Any] = copy.deepcopy(dict(recipe_dict))
     for text in overrides:
         key_text, sep, raw = text.partition("=")
@@ -511,13 +349,13 @@ def apply_overrides(recipe_dict: Mapping[str, Any], overrides: Sequence[str]) ->
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {text}: the value is not valid YAML") from exc
-        leaf = _strip_optional(tp)
+        leaf = strip_optional(tp)
         if not dataclasses.is_dataclass(leaf):
             try:
-                _coerce(value, tp, key_text, [])
-            except _Mismatch:
+                coerce(value, tp, key_text, [])
+            except Mismatch:
                 raise ConfigError(
-                    f"--set {text}: expected {_describe(tp)}, got {_show(value)}"
+                    f"--set {text}: expected {describe_type(tp)}, got {show_value(value)}"
                 ) from None
         node = result
         for key in keys[:-1]:
@@ -545,44 +383,9 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write the resolved recipe to ``path`` as YAML, atomically; returns the path."""
-    from mcn_compress.checkpoint import atomic_write
+    from mcn_compress.formats.atomic import atomic_write
 
     text = "# resolved mcn-compress recipe (defaults filled in, overrides applied)\n"
     text += yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=False)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return Path(path)
-
-
-def build_param_groups(model: nn.Module, recipe: Recipe | OptimRecipe) -> list[dict[str, Any]]:
-    """Optimiser parameter groups (DESIGN.md section 3).
-
-    - ``weights``: latent C and every other parameter of two or more dimensions, at
-      ``optim.lr`` with ``optim.weight_decay``;
-    - ``no_decay``: BatchNorm parameters, biases and any other 0-D/1-D parameter, at
-      ``optim.lr`` without weight decay;
-    - ``mfilter``: every `MCConv2d` M-Filter at ``optim.lr_mfilter`` without weight decay.
-
-    Frozen parameters are left out, and so are empty groups. Each group has a ``name``.
-    """
-    optim = recipe.optim if isinstance(recipe, Recipe) else recipe
-    mfilters = {id(m.mfilter) for m in model.modules() if isinstance(m, MCConv2d)}
-    buckets: dict[str, list[nn.Parameter]] = {"weights": [], "no_decay": [], "mfilter": []}
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if id(param) in mfilters:
-            buckets["mfilter"].append(param)
-        elif param.ndim <= 1:
-            buckets["no_decay"].append(param)
-        else:
-            buckets["weights"].append(param)
-    settings = {
-        "weights": (optim.lr, optim.weight_decay),
-        "no_decay": (optim.lr, 0.0),
-        "mfilter": (optim.lr_mfilter, 0.0),
-    }
-    return [
-        {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
-        for name, params in buckets.items()
-        if params
-    ]

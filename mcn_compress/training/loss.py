@@ -1,4 +1,4 @@
-"""The MCN loss (DESIGN.md section 3, Eq. 3.18 of the MCN chapter).
+"""The MCN loss (docs/design.md section 3, Eq. 3.18 of the MCN chapter).
 
 ``L = CE + theta * sum_layers L_filter + lambda/2 * mean_m ||f_m - centre[y_m]||^2``
 
@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mcn_compress.errors import ConfigError
-from mcn_compress.models import declared_classifier
 from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.passes.policy import find_classifier
 
 _logger = logging.getLogger(__name__)
 
@@ -55,22 +55,16 @@ class LossParts(NamedTuple):
         return {name: float(value.detach()) for name, value in self._asdict().items()}
 
 
-def find_classifier(model: nn.Module) -> nn.Module:
-    """The classifier module of ``model``.
-
-    timm's ``get_classifier()`` when it returns a module, else the last `nn.Linear` or
-    `nn.Conv2d` in module registration order (torchvision ``fc`` / ``classifier[-1]``).
-    """
-    head = declared_classifier(model)
-    if head is not None and not isinstance(head, nn.Identity):
-        return head
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    if not heads:
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The classifier module of ``model`` whose input the centre loss reads
+    (`passes.policy.find_classifier`: timm's head, else the last Linear / Conv2d)."""
+    found = find_classifier(model)
+    if found is None:
         raise ConfigError(
             f"cannot find the classifier of {type(model).__name__}: it has no get_classifier() "
             "and no nn.Linear / nn.Conv2d layer"
         )
-    return heads[-1]
+    return found[1]
 
 
 def _feature_dim(classifier: nn.Module) -> int:
@@ -177,7 +171,7 @@ class MCNLoss(nn.Module):
         self._layers: list[MCConv2d] = [m for m in model.modules() if isinstance(m, MCConv2d)]
         if not self._layers:
             _logger.info("%s has no MCConv2d layer: the filter term is 0", type(model).__name__)
-        self._classifier: list[nn.Module] = [find_classifier(model)]
+        self._classifier: list[nn.Module] = [classifier_of(model)]
         dim = feature_dim if feature_dim is not None else _feature_dim(self._classifier[0])
         param = next(model.parameters(), None)
         device = param.device if param is not None else None
@@ -298,3 +292,17 @@ class MCNLoss(nn.Module):
             f"theta={self.theta}, lambda_center={self.lambda_center}, alpha={self.alpha}, "
             f"layers={len(self._layers)}"
         )
+
+
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch
+    (Hinton et al. 2015; the T^2 keeps gradients comparable across temperatures)."""
+    kl = F.kl_div(
+        F.log_softmax(logits.float() / temperature, dim=1),
+        F.log_softmax(teacher_logits.float() / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return kl * temperature**2

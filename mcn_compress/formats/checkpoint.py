@@ -1,4 +1,4 @@
-"""The self-describing checkpoint (DESIGN.md section 4) and atomic file writes.
+"""The self-describing checkpoint (docs/design.md section 4) and atomic file writes.
 
 A checkpoint is a dict of plain containers and tensors, readable with
 ``torch.load(weights_only=True)``: format name and version, how to rebuild the float model,
@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
-import os
 import pickle
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +20,11 @@ from torch import nn
 
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import CheckpointError, ConfigError, ConversionError, ModelLoadError
-from mcn_compress.models import ModelSource, build_model
+from mcn_compress.formats.atomic import atomic_write
+from mcn_compress.info import ModelSource, info_of, update_info
+from mcn_compress.models import build_model
 from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.version import __version__
 
 _logger = logging.getLogger(__name__)
 
@@ -32,49 +32,8 @@ FORMAT_NAME = "mcn-compress.checkpoint"
 FORMAT_VERSION = 1
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
-
-    On any exception the temporary file is removed, so ``path`` is either the complete new
-    file or whatever was there before, never half a file.
-    """
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot write {target}: directory {directory} does not exist")
-    if target.is_dir():
-        raise CheckpointError(f"cannot write {target}: it is a directory")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
-    try:
-        with atomic_path(path) as tmp:
-            write(tmp)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
 def _library_versions() -> dict[str, str]:
-    import mcn_compress
-
-    versions = {"mcn_compress": str(mcn_compress.__version__), "torch": str(torch.__version__)}
+    versions = {"mcn_compress": __version__, "torch": str(torch.__version__)}
     for module_name in ("timm", "torchvision"):
         with contextlib.suppress(ImportError):
             versions[module_name] = str(__import__(module_name).__version__)
@@ -94,17 +53,17 @@ def checkpoint_dict(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a converted ``model`` as plain containers and tensors."""
-    source = getattr(model, "mcn_source", None)
-    config = getattr(model, "mcn_config", None)
+    info = info_of(model)
+    source, config = info.source, info.config
     if not isinstance(source, ModelSource):
         raise CheckpointError(
             "cannot save: the model does not say how to rebuild its float architecture; build it "
-            "with mcn_compress.models.load_float_model (or set model.mcn_source to a ModelSource "
-            "of a timm-registered or torchvision model)"
+            "with mcn_compress.models.load_float_model (or give it the ModelSource of a "
+            "timm-registered or torchvision model with mcn_compress.info.update_info)"
         )
     if not isinstance(config, MCNConfig):
         raise CheckpointError("cannot save: the model was not produced by mcn_compress.convert")
-    summary = getattr(model, "mcn_summary", None)
+    summary = info.summary
     metadata: dict[str, Any] = {
         "versions": _library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -181,7 +140,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> nn.Module:
     """Rebuild the float architecture, convert it with the stored config, load the weights."""
-    from mcn_compress.convert import convert
+    from mcn_compress.passes.convert import convert
 
     try:
         source = ModelSource.from_dict(data["model"])
@@ -195,21 +154,5 @@ def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> n
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise CheckpointError(f"{origin}: state dict does not fit the model: {first}") from exc
-    model.mcn_source = source  # type: ignore[assignment]
-    model.mcn_metadata = dict(data.get("metadata") or {})  # type: ignore[assignment]
+    update_info(model, source=source, metadata=dict(data.get("metadata") or {}))
     return model.eval()
-
-
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a checkpoint written by `save` and return the MCN model in eval mode.
-
-    Only tensors and plain containers are read (``torch.load(weights_only=True)``); files that
-    are not ours, truncated, corrupt or carrying pickled code raise `CheckpointError`.
-    Packed files (`mcn_compress.export`, recognised by content) load with `load_packed`.
-    """
-    from mcn_compress.export import load_packed, looks_packed
-
-    if looks_packed(path):
-        return load_packed(path)
-    data = read_checkpoint(path, map_location=map_location)
-    return model_from_checkpoint(data, origin=str(path))

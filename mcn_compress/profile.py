@@ -1,8 +1,8 @@
 """Size and speed profiles of float and MCN models, measured on real files (numbers only).
 
-Every byte count here is the size of a file written to a temporary directory (DESIGN.md
+Every byte count here is the size of a file written to a temporary directory (docs/design.md
 section 6): the float32 original as a safetensors file of its state dict, the MCN model as its
-packed file (`mcn_compress.export`). Next to them stands the theoretical minimum
+packed file (`mcn_compress.formats.packed`). Next to them stands the theoretical minimum
 
     sign bits / 8 + (4 bytes, or 2 with float16) per stored float value + integer buffer bytes
 
@@ -19,10 +19,8 @@ matplotlib being the optional ``plot`` extra). Rendering lives in `mcn_compress.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import pickle
 import statistics
 import tempfile
 import time
@@ -33,27 +31,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from mcn_compress.errors import CheckpointError, ConfigError, DataError, MCNError
-from mcn_compress.models import ModelSource, build_model, load_weights
+from mcn_compress.errors import MCNError
+from mcn_compress.evaluate import accuracy, validation_set
+from mcn_compress.info import ModelSource, info_of, update_info
+from mcn_compress.models import build_model, load_weights
+from mcn_compress.module_utils import default_input_shape
 from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.training.run_dir import RunDir, load_run_model, read_run
 
 if TYPE_CHECKING:
-    from mcn_compress.recipe import DataRecipe
+    from mcn_compress.training.recipe import DataRecipe
 
 _logger = logging.getLogger(__name__)
 
-#: ``progress(done, total)``: images evaluated so far out of the validation split's size
-ProgressFn = Callable[[int, int], None]
 #: ``progress(label, done, total)``: the same, for the model of row ``label``
 LabeledProgressFn = Callable[[str, int, int], None]
 
-RUN_CHECKPOINTS = ("best.pt", "last.pt")
-RUN_METRICS = "metrics.jsonl"
-RUN_RECIPE = "recipe.yaml"
-PLOT_EXTRA_HINT = "install the plot extra: pip install 'mcn-compress[plot]'"
 
 BOUND_FRACTION = 0.01
 BOUND_SLACK = 16 * 1024
@@ -279,8 +274,8 @@ def float32_file_bytes(model: nn.Module) -> int:
 
 
 def packed_file_bytes(model: nn.Module, float16: bool = False) -> int:
-    """Bytes of ``model``'s packed file (`export.export_packed`), written to a temp dir."""
-    from mcn_compress.export import export_packed
+    """Bytes of ``model``'s packed file (`formats.packed.export_packed`), written to a temp dir."""
+    from mcn_compress.formats.packed import export_packed
 
     return _file_size(lambda path: export_packed(model, path, float16=float16))
 
@@ -351,23 +346,6 @@ def conv_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int | None
     return total
 
 
-def default_input_shape(model: nn.Module, input_size: int | None = None) -> tuple[int, int, int]:
-    """(channels, height, width) of one input image: the stem's channels, timm's
-    ``pretrained_cfg['input_size']`` or 224 unless ``input_size`` is given."""
-    channels = 3
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d | MCConv2d):
-            channels = module.in_channels
-            break
-    if input_size is not None:
-        return channels, input_size, input_size
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if isinstance(size, list | tuple) and len(size) == 3:
-        return channels, int(size[1]), int(size[2])
-    return channels, 224, 224
-
-
 def measure_latency(
     model: nn.Module, input_shape: tuple[int, int, int], repeats: int = 10, warmup: int = 2
 ) -> float:
@@ -389,312 +367,13 @@ def measure_latency(
 
 
 # --- accuracy -------------------------------------------------------------------------------
-def validation_set(
-    model: nn.Module, data_cfg: DataRecipe, *, seed: int = 0, name: str = "the model"
-) -> Dataset[Any]:
-    """The validation split of ``data_cfg`` prepared for ``model`` (`data.build_datasets`).
-
-    Raises `DataError` when the data is missing or has more classes than ``model`` (called
-    ``name`` in the message) has outputs.
-    """
-    from mcn_compress.data import build_datasets, dataset_classes, model_num_classes
-
-    _, val = build_datasets(data_cfg, model, seed=seed)
-    outputs = model_num_classes(model)
-    classes = len(dataset_classes(val))
-    if outputs is not None and classes > outputs:
-        raise DataError(
-            f"{data_cfg.dataset} has {classes} classes but {name} predicts {outputs}: evaluate "
-            f"on data with at most {outputs} classes"
-        )
-    return val
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def accuracy(
-    model: nn.Module,
-    dataset: Dataset[Any],
-    *,
-    batch_size: int = 128,
-    workers: int = 0,
-    progress: ProgressFn | None = None,
-) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of ``model`` in eval mode on ``(image, label)`` items.
-
-    ``progress(done, total)`` is called before the first batch and after each one. A label
-    outside the model's outputs, or images the model cannot take, raise `DataError`.
-    """
-    from mcn_compress.train import topk_correct
-
-    total = len(dataset)  # type: ignore[arg-type]
-    if total == 0:
-        raise DataError("the validation split is empty")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    was_training = model.training
-    model.eval()
-    seen = top1 = top5 = 0
-    if progress is not None:
-        progress(0, total)
-    try:
-        with torch.inference_mode():
-            for images, targets in loader:
-                try:
-                    logits = model(images.to(device))
-                except RuntimeError as exc:
-                    raise DataError(
-                        f"the model cannot run on images of shape {tuple(images.shape[1:])}: "
-                        f"{_first_line(exc)}"
-                    ) from exc
-                outputs = logits.shape[-1]
-                bad = targets[(targets < 0) | (targets >= outputs)]
-                if bad.numel():
-                    raise DataError(
-                        f"label {int(bad[0])} is out of range for a model with {outputs} outputs"
-                    )
-                hits = topk_correct(logits.float(), targets.to(logits.device), (1, 5))
-                top1, top5 = top1 + hits[0], top5 + hits[1]
-                seen += int(targets.shape[0])
-                if progress is not None:
-                    progress(seen, total)
-    finally:
-        model.train(was_training)
-    return 100.0 * top1 / seen, 100.0 * top5 / seen
-
-
-def evaluate_accuracy(
-    model: nn.Module,
-    data_cfg: DataRecipe,
-    progress: ProgressFn | None = None,
-    *,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) of ``model`` on the validation split of ``data_cfg``.
-
-    The split is `data.build_datasets`'s (capped to ``data_cfg.val_samples`` images, a subset
-    chosen by ``seed``), read with ``data_cfg.batch_size`` and ``data_cfg.workers``. A dataset
-    with more classes than the model has outputs raises `DataError` before any image is read.
-
-    Example:
-        >>> top1, top5 = evaluate_accuracy(model, DataRecipe(dataset="fashion_mnist"))
-    """
-    val = validation_set(model, data_cfg, seed=seed)
-    return accuracy(
-        model, val, batch_size=data_cfg.batch_size, workers=data_cfg.workers, progress=progress
-    )
 
 
 # --- run directories ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunDir:
-    """A fine-tuning run directory: the checkpoint to report, the rows of metrics.jsonl and
-    the run's ``runtime.seed`` (from recipe.yaml; it fixes the synthetic data and the
-    validation subset, so an evaluation with the run's data settings sees the run's images)."""
-
-    path: Path
-    checkpoint: Path
-    metrics: list[dict[str, Any]]
-    seed: int | None = None
-
-    def _val_top1(self) -> list[float]:
-        return [float(r["val_top1"]) for r in self.metrics if _is_number(r.get("val_top1"))]
-
-    @property
-    def final_top1(self) -> float | None:
-        """``val_top1`` of the last epoch (percent), None without metrics."""
-        values = self._val_top1()
-        return values[-1] if values else None
-
-    @property
-    def best_top1(self) -> float | None:
-        """Best ``val_top1`` over the epochs (percent), None without metrics."""
-        values = self._val_top1()
-        return max(values) if values else None
-
-    @property
-    def epochs(self) -> int | None:
-        return len(self.metrics) if self.metrics else None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a ``metrics.jsonl`` (one JSON object per line, `train.EpochMetrics` keys)."""
-    path = Path(path)
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict):
-            raise CheckpointError(f"{path}:{number} is not a JSON object")
-        rows.append(row)
-    return rows
-
-
-def read_run(path: str | Path) -> RunDir:
-    """The run directory ``path`` as written by ``mcn-compress finetune``: its ``best.pt``
-    (else ``last.pt``) and the rows of its ``metrics.jsonl`` (empty when absent)."""
-    path = Path(path)
-    checkpoint = next((path / n for n in RUN_CHECKPOINTS if (path / n).is_file()), None)
-    if checkpoint is None:
-        raise CheckpointError(
-            f"{path} is a directory but not a fine-tuning run: expected "
-            f"{' or '.join(RUN_CHECKPOINTS)} (with {RUN_METRICS}) as written by mcn-compress "
-            "finetune"
-        )
-    metrics_path = path / RUN_METRICS
-    metrics = read_metrics(metrics_path) if metrics_path.is_file() else []
-    return RunDir(path, checkpoint, metrics, _recipe_seed(path / RUN_RECIPE))
-
-
-def _recipe_seed(path: Path) -> int | None:
-    """``runtime.seed`` of a resolved recipe file; None when absent or unreadable."""
-    import yaml
-
-    if not path.is_file():
-        return None
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        _logger.warning("%s not readable (%s): using the default seed", path, exc)
-        return None
-    runtime = recipe.get("runtime") if isinstance(recipe, dict) else None
-    seed = runtime.get("seed") if isinstance(runtime, dict) else None
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
-
-
-def _load_float_run(path: Path) -> nn.Module | None:
-    """The float model of a float fine-tuning run's checkpoint, None if ``path`` is not one."""
-    from mcn_compress.train import FLOAT_FORMAT
-
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("format") != FLOAT_FORMAT:
-        return None
-    if not isinstance(data.get("model"), dict) or not isinstance(data.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is corrupt: its model description or weights are missing")
-    try:
-        source = ModelSource.from_dict(data["model"])
-        model = build_model(source, pretrained=False)
-        model.load_state_dict(data["state_dict"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is corrupt: bad model description ({exc})") from exc
-    except MCNError as exc:
-        raise CheckpointError(f"{path}: cannot rebuild the model: {exc}") from exc
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: state dict does not fit the model: {_first_line(exc)}"
-        ) from exc
-    model.mcn_source = source  # type: ignore[assignment]
-    return model.eval()
-
-
-def load_run_model(run: RunDir) -> nn.Module:
-    """The model of a run's checkpoint: an MCN checkpoint, or the float model of a float run."""
-    from mcn_compress.export import load_model_file
-
-    try:
-        return load_model_file(run.checkpoint)
-    except CheckpointError:
-        model = _load_float_run(run.checkpoint)
-        if model is None:
-            raise
-        return model
 
 
 # --- training curves ------------------------------------------------------------------------
-LOSS_KEYS = ("loss", "softmax", "filter", "center", "distill", "val_loss")
 TOP1_KEYS = ("train_top1", "val_top1")
-
-
-def _figure_class() -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ConfigError(f"plotting needs matplotlib: {PLOT_EXTRA_HINT}") from exc
-    return Figure
-
-
-def plot_format(path: str | Path) -> str:
-    """The image format of ``path`` from its suffix (e.g. ``png``); `ConfigError` when
-    matplotlib is missing or cannot write that format."""
-    figure = _figure_class()
-    supported = figure().canvas.get_supported_filetypes()
-    fmt = Path(path).suffix.lower().lstrip(".")
-    if fmt not in supported:
-        raise ConfigError(
-            f"cannot plot to {path}: use one of the suffixes {', '.join(sorted(supported))}"
-        )
-    return fmt
-
-
-def plot_training_curves(runs: Sequence[RunDir | str | Path], path: str | Path) -> Path:
-    """Draw loss parts and train / val top-1 per epoch of each run into ``path`` (atomically).
-
-    Left panel: the loss and its weighted parts (log scale; parts that are zero throughout are
-    left out) and the validation loss. Right panel: train and val top-1 in percent. With
-    several runs each curve is labelled with its run directory.
-    """
-    from mcn_compress.checkpoint import atomic_write
-
-    fmt = plot_format(path)
-    runs = [r if isinstance(r, RunDir) else read_run(r) for r in runs]
-    for run in runs:
-        if not run.metrics:
-            raise CheckpointError(f"{run.path}/{RUN_METRICS} is missing or empty: nothing to plot")
-    from matplotlib.ticker import MaxNLocator
-
-    figure = _figure_class()(figsize=(11, 4.2), layout="constrained")
-    loss_ax, top1_ax = figure.subplots(1, 2)
-    markers = "osd^v<>"
-    for i, run in enumerate(runs):
-        prefix = f"{run.path.name}: " if len(runs) > 1 else ""
-        marker = markers[i % len(markers)]
-        for ax, keys in ((loss_ax, LOSS_KEYS), (top1_ax, TOP1_KEYS)):
-            for j, key in enumerate(keys):
-                points = [
-                    (r["epoch"], r[key])
-                    for r in run.metrics
-                    if _is_number(r.get("epoch")) and _is_number(r.get(key))
-                ]
-                if ax is loss_ax:  # log scale: a part that is 0 (unused) is left out
-                    points = [(e, v) for e, v in points if v > 0]
-                if not points:
-                    continue
-                # loss parts: one colour per part; top-1: one colour per run, val dashed
-                color = f"C{j}" if ax is loss_ax else f"C{i}"
-                style = "--" if key.startswith("val") else "-"
-                epochs, values = zip(*points, strict=True)
-                ax.plot(epochs, values, style, color=color, marker=marker, ms=3, label=prefix + key)
-    loss_ax.set(title="loss parts per epoch", xlabel="epoch", ylabel="loss")
-    if loss_ax.lines:
-        loss_ax.set_yscale("log")
-    top1_ax.set(title="top-1 per epoch", xlabel="epoch", ylabel="top-1 (%)")
-    for ax in (loss_ax, top1_ax):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.lines:
-            ax.legend(fontsize="small")
-    target = Path(path)
-    atomic_write(target, lambda tmp: figure.savefig(tmp, format=fmt, dpi=120))
-    _logger.info("training curves written to %s", target)
-    return target
 
 
 # --- profiles -------------------------------------------------------------------------------
@@ -726,12 +405,13 @@ def profile_model(
     float16 = float16 and is_mcn
     # the float original is measured as a float32 file, an MCN model as its packed file
     counts = storage_counts(model, 2 if float16 else None if is_mcn else 4)
-    source = getattr(model, "mcn_source", None)
-    config = getattr(model, "mcn_config", None)
+    info = info_of(model)
+    source, config = info.source, info.config
     float_model: nn.Module | None = model
     if is_mcn and config is not None and config.width == "expand":
         # folding widened convs would count K^2 too much: measure the rebuilt float original
-        float_model = _float_original(source, False) if isinstance(source, ModelSource) else None
+        rebuilt = _float_original(source, False) if isinstance(source, ModelSource) else None
+        float_model = rebuilt[0] if rebuilt is not None else None
     profile = ModelProfile(
         label=label,
         kind="mcn" if is_mcn else "float",
@@ -765,31 +445,33 @@ def _source_key(source: ModelSource) -> tuple[str, str, str]:
     return source.library, source.name, repr(sorted(source.kwargs.items()))
 
 
-def _float_original(source: ModelSource, with_weights: bool) -> nn.Module | None:
-    """Rebuild the float architecture (no downloads); load its local weights if asked and the
-    file still exists. None when the architecture cannot be built."""
+def _float_original(source: ModelSource, with_weights: bool) -> tuple[nn.Module, bool] | None:
+    """Rebuild the float architecture (no downloads) and say whether its real weights were
+    loaded: its local weights file is read when asked and the file still exists. None when the
+    architecture cannot be built."""
     try:
         model = build_model(source, pretrained=False)
     except MCNError as exc:
         _logger.warning("float original %s not rebuilt: %s", source.display_name, exc)
         return None
-    model.mcn_source = source  # type: ignore[assignment]
+    update_info(model, source=source)
+    weighted = False
     if with_weights and source.weights and Path(source.weights).is_file():
         try:
             load_weights(model, source.weights, source.display_name)
-            model.mcn_weights_loaded = True  # type: ignore[assignment]
+            weighted = True
         except MCNError as exc:
             _logger.warning("float weights %s not usable: %s", source.weights, exc)
-    return model.eval()
+    return model.eval(), weighted
 
 
 def _load_path(p: Path) -> tuple[nn.Module, RunDir | None]:
-    from mcn_compress.export import load_model_file
+    from mcn_compress.formats.load import load
 
     if p.is_dir():
         run = read_run(p)
         return load_run_model(run), run
-    return load_model_file(p), None
+    return load(p), None
 
 
 def profile_paths(
@@ -840,14 +522,15 @@ def profile_paths(
 
     for p, model, run in loaded:
         eval_seed = run.seed if run is not None and run.seed is not None else seed
-        source = getattr(model, "mcn_source", None)
+        info = info_of(model)
+        source = info.source
         is_mcn = any(isinstance(m, MCConv2d) for m in model.modules())
         reference = None
         if isinstance(source, ModelSource) and is_mcn:
-            original = _float_original(source, with_weights=per_layer or data is not None)
-            if original is not None:
+            rebuilt = _float_original(source, with_weights=per_layer or data is not None)
+            if rebuilt is not None:
+                original, weighted = rebuilt
                 key = _source_key(source)
-                weighted = bool(getattr(original, "mcn_weights_loaded", False))
                 if key not in seen:
                     seen.add(key)
                     row = profile_model(
@@ -866,7 +549,7 @@ def profile_paths(
         profile = profile_model(
             model,
             str(p),
-            float16=float16 or bool(getattr(model, "mcn_packed_float16", False)),
+            float16=float16 or info.packed_float16,
             per_layer=per_layer,
             latency=latency,
             input_size=input_size,

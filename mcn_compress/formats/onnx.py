@@ -1,0 +1,257 @@
+"""ONNX export of MCN models that a stock ONNX runtime runs (docs/design.md section 4, ``export``).
+
+Two weight layouts, both plain ONNX in the default domain (no custom operators):
+
+- ``folded``: every `MCConv2d` becomes an ordinary ``Conv`` whose float initializer is the
+  reconstructed filter ``Q[h*K + j, c] = B[h, c] * M[j]`` (docs/design.md section 2). Runs anywhere.
+- ``packed`` (default): the sign bits B are stored as a uint8 initializer in the bit order of
+  `mcn_compress.formats.packed.pack_signs` (element ``i`` of the row-major latent shape
+  ``(out // K, in // groups, kh, kw)`` is bit ``i % 8`` of byte ``i // 8``, least significant
+  first, 1 = +1) next to M, and a small subgraph of standard operators rebuilds the weight in the
+  graph and feeds it to the same ``Conv``::
+
+      bytes --Reshape(-1, 1)--> BitShift(RIGHT, [0..7]) --> BitwiseAnd 1 (opset >= 18) or Mod 2
+            --Reshape(-1)--> [Slice to numel] --Reshape(h, 1, c, kh, kw)--> Cast(float)
+            --> *2 - 1 (B) --> * M (1, K, 1, kh|1, kw|1) --Reshape(out, c, kh, kw)--> [* s] --> Conv
+
+  Every input of that subgraph is an initializer, so onnxruntime constant-folds it once when the
+  session is created (graph optimisation level ``ORT_ENABLE_BASIC`` or higher; the default is
+  ``ORT_ENABLE_ALL``); with optimisations disabled the unpacking would run on every inference.
+
+BatchNorm (docs/design.md section 2, "Storage kept after training"): an eval-mode ``BatchNorm2d``
+(or timm ``BatchNormAct2d``) that is the only consumer of a conv's output is folded into that
+conv in PyTorch before export, in both layouts: ``s = gamma / sqrt(var + eps)``, weight ``W * s``
+per output channel, bias ``(b - mean) * s + beta``. In the packed layout the scale stays a
+separate ``(out, 1, 1, 1)`` initializer multiplied in the subgraph (``Q * s``, the same float
+operation as the folded layout, so both give bit-identical weights), which keeps M at its
+``(K, kh, kw)`` shape and costs one float per output channel instead of BatchNorm's four.
+BatchNorms that do not directly follow a conv (e.g. DenseNet's pre-activation) stay
+``BatchNormalization`` nodes.
+
+Exporter: torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``). The
+torch.export-based exporter (the default since torch 2.9) needs ``onnxscript``, which is not a
+dependency here; the TorchScript one is offline, deterministic and keeps parameter names as
+initializer names, which is how the packed rewrite finds each converted conv's weight (checked
+by value, too). Numbers and files only: nothing here prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mcn_compress.errors import ConfigError, ExportError, first_line
+from mcn_compress.formats.atomic import atomic_write
+from mcn_compress.formats.onnx_packing import PackedLayer, inline_initializer_aliases, pack_graph
+from mcn_compress.formats.onnx_torch import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, torch_export
+from mcn_compress.formats.packed import pack_signs
+from mcn_compress.module_utils import resolve_input_shape, set_submodule
+from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.passes.fold_bn import fold_batchnorms
+
+_logger = logging.getLogger(__name__)
+
+WEIGHT_LAYOUTS = ("packed", "folded")
+_MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit on one serialised message
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxExportResult:
+    """What `export_onnx` wrote: the file, its layout and which layers were packed or folded."""
+
+    path: Path
+    weights: str
+    opset: int
+    input_shape: tuple[int, ...]
+    dynamic_batch: bool
+    bytes: int
+    packed_layers: tuple[str, ...] = ()
+    folded_batchnorms: tuple[str, ...] = ()
+    sign_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.path),
+            "weights": self.weights,
+            "opset": self.opset,
+            "input_shape": list(self.input_shape),
+            "dynamic_batch": self.dynamic_batch,
+            "bytes": self.bytes,
+            "packed_layers": len(self.packed_layers),
+            "folded_batchnorms": len(self.folded_batchnorms),
+            "sign_bytes": self.sign_bytes,
+        }
+
+
+@dataclasses.dataclass
+class _Prepared:
+    model: nn.Module
+    layers: list[PackedLayer]
+    folded_batchnorms: dict[str, str] = dataclasses.field(default_factory=dict)  # conv -> bn
+
+
+# --- options --------------------------------------------------------------------------------
+def _check_options(weights: str, opset: int) -> None:
+    if weights not in WEIGHT_LAYOUTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ConfigError(
+            f"opset {opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} "
+            f"(BitShift needs {MIN_OPSET}; the TorchScript exporter stops at {MAX_OPSET})"
+        )
+
+
+# --- PyTorch side: fold MCConv2d and BatchNorm ----------------------------------------------
+
+
+def _prepare(model: nn.Module, weights: str) -> _Prepared:
+    """A float32 eval copy with MCConv2d -> Conv2d (weight Q) and BatchNorm folded."""
+    work = copy.deepcopy(model).cpu().float().eval()
+    converted: dict[str, MCConv2d] = {
+        name: m for name, m in work.named_modules() if isinstance(m, MCConv2d)
+    }
+    layers: dict[str, PackedLayer] = {}
+    with torch.no_grad():
+        for name, mod in converted.items():
+            if weights == "packed":
+                layers[name] = PackedLayer(
+                    name=name,
+                    signs=pack_signs(mod.weight).numpy(),
+                    latent_shape=tuple(mod.weight.shape),
+                    mfilter=mod.mfilter.detach().cpu().numpy().copy(),
+                    weight=np.empty(0, np.float32),
+                )
+            set_submodule(work, name, mod.to_conv2d())
+    folds = fold_batchnorms(work)
+    modules = dict(work.named_modules())
+    for name, layer in layers.items():
+        conv = modules[name]
+        assert isinstance(conv, nn.Conv2d)
+        layer.weight = conv.weight.detach().cpu().numpy().copy()
+        if name in folds:
+            layer.scale = folds[name][1].cpu().numpy().astype(np.float32)
+    return _Prepared(work, list(layers.values()), {c: bn for c, (bn, _) in folds.items()})
+
+
+# --- torch.onnx.export ----------------------------------------------------------------------
+
+
+# --- ONNX side: the packed rewrite ----------------------------------------------------------
+
+
+# --- entry points ---------------------------------------------------------------------------
+def onnx_model(
+    model: nn.Module,
+    *,
+    weights: str = "packed",
+    opset: int = DEFAULT_OPSET,
+    input_size: int | Sequence[int] | None = None,
+    dynamic_batch: bool = False,
+) -> tuple[Any, OnnxExportResult]:
+    """The checked ``onnx.ModelProto`` of ``model`` and a description (path and bytes unset).
+
+    See the module docstring for the layouts; `export_onnx` writes it to a file.
+    """
+    import onnx
+
+    _check_options(weights, opset)
+    shape = resolve_input_shape(model, input_size)
+    prepared = _prepare(model, weights)
+    if weights == "packed" and not prepared.layers:
+        _logger.warning("the model has no MCConv2d layers: nothing to pack, all weights float")
+    example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
+    proto = torch_export(prepared.model, example, opset, dynamic_batch, weights)
+    inline_initializer_aliases(proto.graph)
+    packed: list[str] = []
+    if weights == "packed":
+        packed = pack_graph(proto, prepared.layers, opset)
+    foreign = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        raise ExportError(f"the exported graph uses non-standard ONNX domains: {foreign}")
+    for key, value in (("mcn_compress.weights", weights), ("mcn_compress.planes", _planes(model))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    size = proto.ByteSize()
+    if size > _MAX_PROTO_BYTES:
+        raise ExportError(
+            f"the ONNX model would be {size:,} bytes, over protobuf's 2 GiB limit for one file"
+        )
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        first = first_line(exc)
+        raise ExportError(f"the exported ONNX model fails onnx.checker: {first}") from exc
+    result = OnnxExportResult(
+        path=Path(),
+        weights=weights,
+        opset=opset,
+        input_shape=(1, *shape),
+        dynamic_batch=dynamic_batch,
+        bytes=size,
+        packed_layers=tuple(packed),
+        folded_batchnorms=tuple(prepared.folded_batchnorms.values()),
+        sign_bytes=sum(layer.signs.size for layer in prepared.layers),
+    )
+    return proto, result
+
+
+def _planes(model: nn.Module) -> str:
+    ks = sorted({m.planes for m in model.modules() if isinstance(m, MCConv2d)})
+    return ",".join(str(k) for k in ks)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    weights: str = "packed",
+    opset: int = DEFAULT_OPSET,
+    input_size: int | Sequence[int] | None = None,
+    dynamic_batch: bool = False,
+) -> OnnxExportResult:
+    """Write ``model`` as an ONNX file that onnxruntime runs without custom operators.
+
+    Args:
+        model: an MCN model (from `convert` or `load`); it is not modified.
+        path: output file, written atomically.
+        weights: ``"packed"`` (sign bits as uint8, unpacked in the graph) or ``"folded"``
+            (float Conv weights Q); see the module docstring and docs/design.md section 4.
+        opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET`` (BitwiseAnd from 18, Mod below).
+        input_size: S, (H, W) or (C, H, W) of one input; default from the model (224).
+        dynamic_batch: make the batch dimension of input and output symbolic.
+
+    Raises:
+        ConfigError: an option is out of range.
+        ExportError: a layer or operator cannot be exported (the message names it).
+
+    Example:
+        >>> export_onnx(load("model.pt"), "model.onnx", weights="packed").bytes
+    """
+    proto, result = onnx_model(
+        model, weights=weights, opset=opset, input_size=input_size, dynamic_batch=dynamic_batch
+    )
+    payload = proto.SerializeToString()
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+    _logger.info("wrote %s (%d bytes, %s weights, opset %d)", path, len(payload), weights, opset)
+    return dataclasses.replace(result, path=Path(path), bytes=len(payload))
+
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "WEIGHT_LAYOUTS",
+    "OnnxExportResult",
+    "export_onnx",
+    "fold_batchnorms",
+    "onnx_model",
+    "resolve_input_shape",
+]

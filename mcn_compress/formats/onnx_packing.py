@@ -1,0 +1,200 @@
+"""The packed ONNX layout: replace each converted conv's float weight by sign bits + M and
+a subgraph of standard operators that rebuilds it (docs/design.md section 4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mcn_compress.errors import ExportError
+
+BITWISE_AND_OPSET = 18
+
+
+@dataclasses.dataclass
+class PackedLayer:
+    """One converted conv as the packed layout stores it, and the weight it must rebuild."""
+
+    name: str
+    signs: np.ndarray  # uint8, pack_signs order
+    latent_shape: tuple[int, ...]  # (out // K, in // groups, kh, kw)
+    mfilter: np.ndarray  # (K, kh|1, kw|1)
+    weight: np.ndarray  # the folded Conv weight the subgraph must reproduce
+    scale: np.ndarray | None = None  # BatchNorm scale per output channel, when folded
+
+
+class GraphBuilder:
+    """Adds nodes and initializers to the packed graph; shared constants are added once."""
+
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self._constants: dict[str, str] = {}
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        if name not in self._constants:
+            self.initializers.append(numpy_helper.from_array(value, name))
+            self._constants[name] = name
+        return name
+
+    def shape(self, dims: Sequence[int]) -> str:
+        key = "x".join(str(d) for d in dims)
+        return self.constant(f"mcn.shape.{key}", np.asarray(dims, dtype=np.int64))
+
+    def tensor(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [output], name=f"{output}/{op}", **attrs))
+        return output
+
+    def unpack(self, layer: PackedLayer, output: str) -> None:
+        """The subgraph that rebuilds ``layer.weight`` into tensor ``output``."""
+        from onnx import TensorProto
+
+        h, cin, kh, kw = layer.latent_shape
+        k = layer.mfilter.shape[0]
+        numel = h * cin * kh * kw
+        p = f"{output}.unpack"
+        signs = self.tensor(f"{output}.signs", layer.signs.astype(np.uint8))
+        mfilter = self.tensor(
+            f"{output}.mfilter",
+            layer.mfilter.astype(np.float32).reshape(1, k, 1, *layer.mfilter.shape[1:]),
+        )
+        column = self.node("Reshape", [signs, self.shape([-1, 1])], f"{p}.bytes")
+        shifts = self.constant("mcn.bit_shifts", np.arange(8, dtype=np.uint8))
+        shifted = self.node("BitShift", [column, shifts], f"{p}.shifted", direction="RIGHT")
+        if self.opset >= BITWISE_AND_OPSET:
+            one = self.constant("mcn.bit_one", np.array(1, dtype=np.uint8))
+            bits = self.node("BitwiseAnd", [shifted, one], f"{p}.bits")
+        else:
+            two = self.constant("mcn.bit_two", np.array(2, dtype=np.uint8))
+            bits = self.node("Mod", [shifted, two], f"{p}.bits", fmod=0)
+        flat = self.node("Reshape", [bits, self.shape([-1])], f"{p}.flat")
+        if layer.signs.size * 8 != numel:
+            start = self.constant("mcn.zero", np.array([0], dtype=np.int64))
+            end = self.constant(f"mcn.end.{numel}", np.array([numel], dtype=np.int64))
+            flat = self.node("Slice", [flat, start, end], f"{p}.trimmed")
+        grid = self.node("Reshape", [flat, self.shape([h, 1, cin, kh, kw])], f"{p}.grid")
+        as_float = self.node("Cast", [grid], f"{p}.float", to=TensorProto.FLOAT)
+        two_f = self.constant("mcn.two", np.array(2.0, dtype=np.float32))
+        one_f = self.constant("mcn.one", np.array(1.0, dtype=np.float32))
+        doubled = self.node("Mul", [as_float, two_f], f"{p}.doubled")
+        sign = self.node("Sub", [doubled, one_f], f"{p}.sign")
+        modulated = self.node("Mul", [sign, mfilter], f"{p}.modulated")
+        out_shape = self.shape([h * k, cin, kh, kw])
+        if layer.scale is None:
+            self.node("Reshape", [modulated, out_shape], output)
+            return
+        q = self.node("Reshape", [modulated, out_shape], f"{p}.q")
+        scale = self.tensor(f"{output}.scale", layer.scale.reshape(-1, 1, 1, 1))
+        self.node("Mul", [q, scale], output)
+
+
+def inline_initializer_aliases(graph: Any) -> None:
+    """Drop ``Identity`` nodes that merely rename an initializer; consumers read it directly.
+
+    The TorchScript exporter deduplicates equal initializers into one and such aliases; the
+    packed rewrite needs each conv's weight to be an initializer read by ``Conv`` only.
+    """
+    from onnx import AttributeProto
+
+    if any(
+        attr.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+        for node in graph.node
+        for attr in node.attribute
+    ):
+        return  # subgraphs may read the aliases: leave the graph as it is
+    initializers = {init.name for init in graph.initializer}
+    outputs = {out.name for out in graph.output}
+    alias: dict[str, str] = {}
+    kept = []
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Identity" and node.input else ""
+        source = alias.get(source, source)
+        if source in initializers and node.output[0] not in outputs:
+            alias[node.output[0]] = source
+            continue
+        kept.append(node)
+    if not alias:
+        return
+    for node in kept:
+        for index, name in enumerate(node.input):
+            if name in alias:
+                node.input[index] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _array_key(array: np.ndarray) -> tuple[Any, ...]:
+    """Hashable key of an array's value; -0.0 and 0.0 count as equal (as the exporter does)."""
+    canonical = array + 0 if array.dtype.kind == "f" else array
+    return (array.dtype.str, array.shape, hash(np.ascontiguousarray(canonical).tobytes()))
+
+
+def pack_graph(proto: Any, layers: list[PackedLayer], opset: int) -> list[str]:
+    """Replace each converted conv's float weight initializer by bits + M + unpack subgraph.
+
+    Returns the names of the packed layers. A layer whose weight does not reach a ``Conv``
+    weight input unchanged raises `ExportError` naming it.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node.op_type, index))
+    conv_weights: dict[str, np.ndarray] = {}
+    for name, init in initializers.items():
+        if uses.get(name) and all(use == ("Conv", 1) for use in uses[name]):
+            conv_weights[name] = numpy_helper.to_array(init)
+    by_value: dict[tuple[Any, ...], list[str]] = {}  # built on first need (hashing costs)
+
+    builder = GraphBuilder(opset)
+    replaced: set[str] = set()
+    packed: list[str] = []
+    for layer in layers:
+        target = f"{layer.name}.weight"
+        if target not in conv_weights or not np.array_equal(conv_weights[target], layer.weight):
+            if not by_value:
+                for name, array in conv_weights.items():
+                    by_value.setdefault(_array_key(array), []).append(name)
+            candidates = by_value.get(_array_key(layer.weight), [])
+            target = next(
+                (n for n in candidates if np.array_equal(conv_weights[n], layer.weight)), ""
+            )
+        if not target:
+            raise ExportError(
+                f"cannot pack layer {layer.name}: its weight does not reach an ONNX Conv "
+                "unchanged (the model reads it outside the conv, or the layer is never called "
+                "in forward); export with --weights folded"
+            )
+        packed.append(layer.name)
+        if target in replaced:  # the exporter merged identical weights: already rebuilt
+            continue
+        replaced.add(target)
+        builder.unpack(layer, target)
+
+    kept = [init for init in graph.initializer if init.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + builder.initializers)
+    nodes = builder.nodes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph_inputs = [i for i in graph.input if i.name not in replaced]
+    del graph.input[:]
+    graph.input.extend(graph_inputs)
+    return packed

@@ -1,0 +1,86 @@
+"""`MCNInfo`: what mcn-compress records on a model it built, converted or loaded.
+
+One typed record on ``model.mcn_info`` instead of loose attributes: where the float
+architecture comes from (`ModelSource`, stored in every checkpoint; docs/design.md section 4),
+the `MCNConfig` and `ConversionSummary` of the conversion, the metadata read from a file and
+whether a packed file stored its float parts as float16. `info_of` reads it (an empty record
+for a model that has none), `update_info` sets fields on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from mcn_compress.config import MCNConfig
+from mcn_compress.errors import ModelLoadError
+from mcn_compress.passes.summary import ConversionSummary
+
+INFO_ATTRIBUTE = "mcn_info"
+TV_PREFIX = "tv:"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How to rebuild a float architecture: library, name and constructor kwargs."""
+
+    library: str  # "timm" or "torchvision"
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # where the float weights came from (informational)
+
+    @property
+    def display_name(self) -> str:
+        return f"{TV_PREFIX}{self.name}" if self.library == "torchvision" else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "library": self.library,
+            "name": self.name,
+            "kwargs": dict(self.kwargs),
+            "weights": self.weights,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSource:
+        try:
+            return cls(
+                library=str(data["library"]),
+                name=str(data["name"]),
+                kwargs=dict(data.get("kwargs") or {}),
+                weights=data.get("weights"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ModelLoadError(f"invalid model source record: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class MCNInfo:
+    """What mcn-compress knows about a model (all fields optional).
+
+    ``source``: how to rebuild the float architecture; ``config`` and ``summary``: the
+    conversion (None on a float model); ``metadata``: the checkpoint metadata of a loaded
+    file (versions, parent, metrics); ``packed_float16``: loaded from a float16 packed file.
+    """
+
+    source: ModelSource | None = None
+    config: MCNConfig | None = None
+    summary: ConversionSummary | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    packed_float16: bool = False
+
+
+def info_of(model: nn.Module) -> MCNInfo:
+    """The `MCNInfo` of ``model``; an empty one when mcn-compress did not build it."""
+    info = getattr(model, INFO_ATTRIBUTE, None)
+    return info if isinstance(info, MCNInfo) else MCNInfo()
+
+
+def update_info(model: nn.Module, **changes: Any) -> MCNInfo:
+    """Set fields of ``model``'s `MCNInfo` (creating it) and return the new record."""
+    info = dataclasses.replace(info_of(model), **changes)
+    setattr(model, INFO_ATTRIBUTE, info)
+    return info
