@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from mcn_compress.errors import DataError
+from mcn_compress.module_utils import in_channels
 
 if TYPE_CHECKING:
     from mcn_compress.training.recipe import DataRecipe
@@ -111,20 +112,12 @@ def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
     return create_transform(**config, is_training=False)
 
 
-def model_in_chans(model: nn.Module) -> int:
-    """Input channels of ``model``: its first conv's, else timm's ``input_size``, else 3."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None:
-        return int(first.in_channels)
-    return int(getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0])
-
-
 def calibration_loader(
     root: str | Path, model: nn.Module, max_images: int = 256, batch_size: int = 32
 ) -> DataLoader[torch.Tensor]:
     """Batches of up to ``max_images`` unlabeled images from ``root`` for BN recalibration."""
     files = find_images(root, limit=max_images)
-    mode = "L" if model_in_chans(model) == 1 else "RGB"
+    mode = "L" if in_channels(model) == 1 else "RGB"
     dataset = UnlabeledImages(files, eval_transform(model), mode)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
@@ -530,7 +523,7 @@ def build_datasets(
     (default 1024 / 256) and the model's classifier gives the number of classes.
     Missing data raises `DataError`.
     """
-    in_chans = model_in_chans(model)
+    in_chans = in_channels(model)
     if data_cfg.dataset == "synthetic":
         return _synthetic(data_cfg, model, in_chans, seed)
     builders = {

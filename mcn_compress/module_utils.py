@@ -14,9 +14,20 @@ DEFAULT_SIZE = 224
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` of ``root`` by ``module``."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, module)
+
+
+def in_channels(model: nn.Module) -> int:
+    """Input channels of ``model``: its first conv's, else timm's ``input_size``, else 3."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d | MCConv2d)), None)
+    if first is not None:
+        return int(first.in_channels)
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(size[0]) if isinstance(size, list | tuple) and len(size) == 3 else 3
 
 
 def resolve_input_shape(
@@ -24,12 +35,10 @@ def resolve_input_shape(
 ) -> tuple[int, int, int]:
     """``(C, H, W)`` of one input: ``input_size`` as S, (H, W) or (C, H, W), else the model's.
 
-    Channels default to the first conv's ``in_channels``; height and width to timm's
+    Channels default to `in_channels`; height and width to timm's
     ``pretrained_cfg["input_size"]``, else 224.
     """
-    channels = next(
-        (m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d | MCConv2d)), 3
-    )
+    channels = in_channels(model)
     cfg = getattr(model, "pretrained_cfg", None)
     default_hw: tuple[int, int] = (DEFAULT_SIZE, DEFAULT_SIZE)
     if isinstance(cfg, dict) and len(cfg.get("input_size") or ()) == 3:
@@ -51,28 +60,9 @@ def resolve_input_shape(
     return (int(shape[0]), int(shape[1]), int(shape[2]))
 
 
-def default_input_shape(model: nn.Module, input_size: int | None = None) -> tuple[int, int, int]:
-    """(channels, height, width) of one input image: the stem's channels, timm's
-    ``pretrained_cfg['input_size']`` or 224 unless ``input_size`` is given."""
-    channels = 3
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d | MCConv2d):
-            channels = module.in_channels
-            break
-    if input_size is not None:
-        return channels, input_size, input_size
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if isinstance(size, list | tuple) and len(size) == 3:
-        return channels, int(size[1]), int(size[2])
-    return channels, 224, 224
-
-
 def conv_bits(model: torch.nn.Module) -> int:
     """Bits of every conv weight of ``model``: 1 per sign and 32 per M value of an `MCConv2d`,
     32 per weight of a float conv (docs/design.md section 6)."""
-    from mcn_compress.nn.mcconv import MCConv2d
-
     bits = 0
     for module in model.modules():
         if isinstance(module, MCConv2d):

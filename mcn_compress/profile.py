@@ -36,7 +36,7 @@ from mcn_compress.errors import MCNError
 from mcn_compress.evaluate import accuracy, validation_set
 from mcn_compress.info import ModelSource, info_of, update_info
 from mcn_compress.models import build_model, load_weights
-from mcn_compress.module_utils import default_input_shape
+from mcn_compress.module_utils import resolve_input_shape
 from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.training.run_dir import RunDir, load_run_model, read_run
@@ -433,11 +433,11 @@ def profile_model(
         path=str(path) if path is not None else None,
         input_bytes=Path(path).stat().st_size if path is not None else None,
     )
-    profile.conv_macs = conv_macs(model, default_input_shape(model, input_size))
+    profile.conv_macs = conv_macs(model, resolve_input_shape(model, input_size))
     if per_layer:
         profile.layers = layer_profiles(model, reference)
     if latency:
-        profile.latency_ms = measure_latency(model, default_input_shape(model, input_size))
+        profile.latency_ms = measure_latency(model, resolve_input_shape(model, input_size))
     return profile
 
 

@@ -114,3 +114,16 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
     with pytest.raises(CheckpointError, match="does not exist"):
         atomic_write(tmp_path / "no" / "f.bin", lambda tmp: tmp.write_bytes(b"x"))
+
+
+def test_config_version_is_stored_and_a_newer_one_refused(
+    mcn: torch.nn.Module, tmp_path: Path
+) -> None:
+    data = torch.load(save(mcn, tmp_path / "good.pt"), weights_only=True)
+    assert data["mcn"]["version"] == MCNConfig.VERSION == 1
+    old = dict(data, mcn={k: v for k, v in data["mcn"].items() if k != "version"})
+    torch.save(old, tmp_path / "old.pt")  # written before configs carried a version
+    assert info_of(load(tmp_path / "old.pt")).config == info_of(mcn).config
+    torch.save(dict(data, mcn={**data["mcn"], "version": 2}), tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="upgrade mcn-compress"):
+        load(tmp_path / "newer.pt")

@@ -49,6 +49,18 @@ class ModelGraphInfo:
     trace_error: str | None = None
 
 
+def declared_classifier(model: nn.Module) -> nn.Module | None:
+    """The module timm's ``get_classifier()`` returns, or None when the model has no usable one."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if not callable(get_classifier):
+        return None
+    try:
+        head = get_classifier()
+    except Exception:  # noqa: BLE001 - any failure means "no usable answer"
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def find_classifier(
     model: nn.Module, order: Sequence[str] | None = None
 ) -> tuple[str | None, nn.Module] | None:
@@ -190,15 +202,3 @@ def fixed_decisions(
         LayerDecision(n, n in chosen, "" if n in chosen else "float in the checkpoint")
         for n in info.conv_order
     ]
-
-
-def declared_classifier(model: nn.Module) -> nn.Module | None:
-    """The module timm's ``get_classifier()`` returns, or None when the model has no usable one."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if not callable(get_classifier):
-        return None
-    try:
-        head = get_classifier()
-    except Exception:  # noqa: BLE001 - any failure means "no usable answer"
-        return None
-    return head if isinstance(head, nn.Module) else None
