@@ -16,6 +16,12 @@ from mcn_compress.info import MCNInfo, ModelSource, info_of
 from mcn_compress.models import load_float_model
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.convert import convert
+from mcn_compress.passes.factored import (
+    FactoredConv2d,
+    FactoredLayer,
+    FactoredSummary,
+    optimize_for_inference,
+)
 from mcn_compress.passes.policy import plan_conversion
 from mcn_compress.passes.summary import ConversionSummary, LayerRecord
 from mcn_compress.version import __version__
@@ -25,6 +31,9 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "ConversionSummary",
+    "FactoredConv2d",
+    "FactoredLayer",
+    "FactoredSummary",
     "LayerRecord",
     "MCConv2d",
     "MCNConfig",
@@ -39,6 +48,7 @@ __all__ = [
     "info_of",
     "load",
     "load_float_model",
+    "optimize_for_inference",
     "plan_conversion",
     "save",
 ]

@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from mcn_compress.models import build_model, load_weights
 from mcn_compress.module_utils import resolve_input_shape
 from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.passes.factored import factored_profile
 from mcn_compress.training.run_dir import RunDir, load_run_model, read_run
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class LayerProfile:
     bits: int
     float_params: int
     rel_error: float | None = None
+    factored: dict[str, Any] | None = None  # MCN layer: form, dense and factored MACs, weights
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,7 +85,11 @@ class LayerProfile:
             "bits": self.bits,
             "float_params": self.float_params,
             "rel_error": self.rel_error,
+            "factored": self.factored,
         }
+
+
+FACTORED_KEYS = ("dense_conv_macs", "conv_macs", "dense_weight_bytes", "weight_bytes", "latency_ms")
 
 
 @dataclass
@@ -125,6 +131,9 @@ class ModelProfile:
     top1: float | None = None
     top5: float | None = None
     conv_macs: int | None = None
+    factored: dict[str, Any] | None = None  # MCN: `passes.factored.factored_profile`
+    calibration_images: int | None = None  # unlabeled images calibrated on after conversion
+    calibration_steps: int | None = None  # label-free distillation steps on them
     layers: list[LayerProfile] | None = field(default=None, repr=False)
 
     @property
@@ -184,6 +193,9 @@ class ModelProfile:
             "top1": self.top1,
             "top5": self.top5,
             "conv_macs": self.conv_macs,
+            **{f"factored_{k}": (self.factored or {}).get(k) for k in FACTORED_KEYS},
+            "calibration_images": self.calibration_images,
+            "calibration_steps": self.calibration_steps,
         }
         if self.layers is not None:
             data["layers"] = [layer.to_dict() for layer in self.layers]
@@ -434,8 +446,20 @@ def profile_model(
         input_bytes=Path(path).stat().st_size if path is not None else None,
     )
     profile.conv_macs = conv_macs(model, resolve_input_shape(model, input_size))
+    if is_mcn:  # dense vs factored MACs, weights held and latency (docs/design.md section 4.8)
+        timing = (lambda m: measure_latency(m, m.factored_summary.input_shape)) if latency else None
+        shape = resolve_input_shape(model, input_size)
+        profile.factored = factored_profile(model, shape, profile.conv_macs, timing)
+    conversion = info.metadata.get("conversion")  # as saved; a loaded model's summary is fresh
+    if conversion is None and info.summary is not None:
+        conversion = info.summary.to_dict()
+    if isinstance(conversion, dict) and conversion.get("calibration_images"):
+        profile.calibration_images = int(conversion["calibration_images"])
+        profile.calibration_steps = int(conversion.get("calibration_steps") or 0)
     if per_layer:
         profile.layers = layer_profiles(model, reference)
+        rows = (profile.factored or {}).get("layers", {})
+        profile.layers = [replace(r, factored=rows.get(r.name)) for r in profile.layers]
     if latency:
         profile.latency_ms = measure_latency(model, resolve_input_shape(model, input_size))
     return profile

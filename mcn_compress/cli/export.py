@@ -11,7 +11,8 @@ import typer
 
 from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, out, print_json
 from mcn_compress.errors import ConfigError, OutputError
-from mcn_compress.formats.onnx import WEIGHT_LAYOUTS
+from mcn_compress.formats.atomic import check_not_input, check_writable
+from mcn_compress.formats.onnx import COMPUTE_MODES, WEIGHT_LAYOUTS
 
 
 class ExportFormat(str, Enum):
@@ -26,13 +27,21 @@ OnnxWeights = Enum(  # type: ignore[misc]
 )
 """How ONNX stores the converted convs' weights (`formats.onnx.WEIGHT_LAYOUTS`)."""
 
+OnnxCompute = Enum(  # type: ignore[misc]
+    "OnnxCompute", {name: name for name in COMPUTE_MODES}, type=str
+)
+"""How ONNX computes the converted convs (`formats.onnx.COMPUTE_MODES`; design.md 4.8)."""
 
-def _check_output(path: Path) -> None:
+
+def _check_output(path: Path, model_path: Path) -> None:
+    """Refuse an --out that cannot be written, or that is the model being exported."""
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"--out {path} is a directory; give a file name such as model.mcn")
     if not parent.is_dir():
         raise OutputError(f"--out {path}: directory {parent} does not exist")
+    check_not_input(path, {"MODEL": model_path})
+    check_writable(path)
 
 
 def _parse_input_size(text: str | None) -> tuple[int, ...] | None:
@@ -78,6 +87,15 @@ def export_command(
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch", help="ONNX only: symbolic batch dimension.")
     ] = False,
+    compute: Annotated[
+        OnnxCompute | None,
+        typer.Option(
+            "--compute",
+            help="ONNX only: auto = factored form (out/K binary filters + M, K times fewer "
+            "MACs) where it is faster, per layer (default with --weights packed); factored = "
+            "every converted conv factored; dense = one Conv with the rebuilt weight.",
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -88,7 +106,8 @@ def export_command(
 
     onnx: standard operators only. --weights packed keeps the sign bits as uint8 and unpacks them
     in the graph (onnxruntime does it once, at session creation); --weights folded stores float
-    Conv weights. BatchNorm after a conv is folded in both.
+    Conv weights. BatchNorm after a conv is folded in both. --compute (packed only) runs the
+    converted convs factored where faster (default), all factored, or dense.
 
     Examples:
 
@@ -99,13 +118,15 @@ def export_command(
       mcn-compress export model.pt --format onnx --dynamic-batch -o model.onnx
 
       mcn-compress export model.pt -f onnx --weights folded --input-size 3,160,160 -o m.onnx
+
+      mcn-compress export model.pt -f onnx --compute dense -o model-dense.onnx
     """
     from mcn_compress.formats.load import load
     from mcn_compress.formats.packed import export_packed
     from mcn_compress.profile import size_bound, storage_counts
 
     with cli_errors():
-        _check_output(out_path)
+        _check_output(out_path, model_path)
         if fmt is ExportFormat.onnx:
             if float16:
                 raise ConfigError("--float16 applies to --format packed only")
@@ -113,7 +134,7 @@ def export_command(
             model = load(model_path)
             result = {
                 "input": str(model_path),
-                **_export_onnx(model, out_path, weights, opset, size_hint, dynamic_batch),
+                **_export_onnx(model, out_path, weights, opset, size_hint, dynamic_batch, compute),
             }
         else:
             onnx_only = [
@@ -123,6 +144,7 @@ def export_command(
                     ("--opset", opset is not None),
                     ("--input-size", input_size is not None),
                     ("--dynamic-batch", dynamic_batch),
+                    ("--compute", compute is not None),
                 )
                 if given
             ]
@@ -150,8 +172,9 @@ def export_command(
     elif fmt is ExportFormat.onnx:
         out.print(
             f"wrote {out_path}: {result['bytes']:,} bytes, {result['weights']} weights "
-            f"({result['packed_layers']} layers as sign bits, {result['folded_batchnorms']} "
-            f"BatchNorms folded), opset {result['opset']}, input "
+            f"({result['packed_layers']} layers as sign bits, {result['factored_layers']} run "
+            f"factored, {result['folded_batchnorms']} BatchNorms folded), "
+            f"opset {result['opset']}, input "
             f"{'x'.join(str(d) for d in result['input_shape'])}"
             f"{' (dynamic batch)' if result['dynamic_batch'] else ''}; {model_path} was "
             f"{result['input_bytes']:,} bytes",
@@ -176,15 +199,19 @@ def _export_onnx(
     opset: int | None,
     input_size: tuple[int, ...] | None,
     dynamic_batch: bool,
+    compute: OnnxCompute | None = None,
 ) -> dict[str, object]:
     """Call the library's ONNX exporter; returns the JSON-ready result."""
     from mcn_compress.formats.onnx import export_onnx
     from mcn_compress.formats.onnx_torch import DEFAULT_OPSET
 
+    layout = (weights or OnnxWeights.packed).value
+    default = "auto" if layout == "packed" else "dense"
     result = export_onnx(
         model,  # type: ignore[arg-type]
         out_path,
-        weights=(weights or OnnxWeights.packed).value,
+        weights=layout,
+        compute=compute.value if compute is not None else default,
         opset=DEFAULT_OPSET if opset is None else opset,
         input_size=input_size,
         dynamic_batch=dynamic_batch,

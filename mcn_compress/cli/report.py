@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -81,10 +82,20 @@ ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
     ("within 1% + 16 KiB", lambda p: "yes" if p.within_bound else "NO"),
     ("compression vs float32", lambda p: f"{p.ratio:.2f}x"),
     ("conv MACs per image", lambda p: _int(p.conv_macs)),
+    ("conv MACs, factored", lambda p: _int((p.factored or {}).get("conv_macs"))),
+    ("conv weight bytes held (dense / factored)", lambda p: _held(p.factored)),
 ]
+CALIBRATION_ROW: tuple[str, Callable[[ModelProfile], str]] = (
+    "calibration (images / distill steps)",
+    lambda p: f"{p.calibration_images or 0:,} / {p.calibration_steps or 0}",
+)
 LATENCY_ROW: tuple[str, Callable[[ModelProfile], str]] = (
     "latency ms/image",
     lambda p: "-" if p.latency_ms is None else f"{p.latency_ms:.2f}",
+)
+FACTORED_LATENCY_ROW: tuple[str, Callable[[ModelProfile], str]] = (
+    "latency ms/image, factored",
+    lambda p: _ms((p.factored or {}).get("latency_ms")),
 )
 RUN_ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
     ("run epochs", lambda p: _int(p.run_epochs)),
@@ -104,14 +115,35 @@ LAYER_COLUMNS: list[tuple[str, Callable[[LayerProfile], str]]] = [
     ("bits", lambda r: _int(r.bits)),
     ("float params", lambda r: _int(r.float_params)),
     ("rel. error", lambda r: "-" if r.rel_error is None else f"{r.rel_error:.4f}"),
+    ("factored form", lambda r: (r.factored or {}).get("mode", "-")),
+    ("MACs dense / factored", lambda r: _pair(r.factored, "dense_macs", "macs")),
 ]
+
+
+def _held(factored: dict[str, Any] | None) -> str:
+    """Float32 conv weight bytes a runtime holds, dense and factored (design.md 4.8)."""
+    return _pair(factored, "dense_weight_bytes", "weight_bytes")
+
+
+def _pair(values: dict[str, Any] | None, first: str, second: str) -> str:
+    if not values or values.get(first) is None:
+        return "-"
+    return f"{values[first]:,} / {values[second]:,}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _rows(profiles: Sequence[ModelProfile]) -> list[tuple[str, Callable[[ModelProfile], str]]]:
     """The rows that have a value for some model: latency, run metrics, accuracy if measured."""
     rows = list(ROWS)
+    if any(p.calibration_images for p in profiles):
+        rows.append(CALIBRATION_ROW)
     if any(p.latency_ms is not None for p in profiles):
         rows.append(LATENCY_ROW)
+    if any((p.factored or {}).get("latency_ms") is not None for p in profiles):
+        rows.append(FACTORED_LATENCY_ROW)
     if any(p.run_dir is not None for p in profiles):
         rows.extend(RUN_ROWS)
     if any(p.eval_dataset is not None for p in profiles):
@@ -124,19 +156,19 @@ def summary_table(profiles: Sequence[ModelProfile]) -> Table:
     table = Table(title="Model size (real files)")
     table.add_column("", no_wrap=True)
     for p in profiles:
-        table.add_column(p.label, justify="right", overflow="fold")
+        table.add_column(escape(p.label), justify="right", overflow="fold")
     for title, value in _rows(profiles):
-        table.add_row(title, *(value(p) for p in profiles))
+        table.add_row(title, *(escape(value(p)) for p in profiles))
     return table
 
 
 def layer_table(profile: ModelProfile) -> Table:
     """Per-layer bits, float parameters and reconstruction error of one model."""
-    table = Table(title=f"Layers of {profile.label}")
+    table = Table(title=escape(f"Layers of {profile.label}"))
     for i, (title, _) in enumerate(LAYER_COLUMNS):
         table.add_column(title, justify="left" if i < 2 else "right", no_wrap=i in (0, 2))
     for row in profile.layers or []:
-        table.add_row(*(value(row) for _, value in LAYER_COLUMNS))
+        table.add_row(*(escape(value(row)) for _, value in LAYER_COLUMNS))
     return table
 
 
@@ -300,7 +332,11 @@ def report_command(
         bool, typer.Option("--per-layer", help="Add a table of layers per model.")
     ] = False,
     latency: Annotated[
-        bool, typer.Option("--latency", help="Time one image through each eval model (CPU).")
+        bool,
+        typer.Option(
+            "--latency",
+            help="Time one image through each eval model (CPU); MCN models also factored.",
+        ),
     ] = False,
     input_size: Annotated[
         int | None,

@@ -50,6 +50,7 @@ from torch import nn
 
 from mcn_compress.errors import ConfigError, ExportError, first_line
 from mcn_compress.formats.atomic import atomic_write
+from mcn_compress.formats.onnx_factored import factor_graph
 from mcn_compress.formats.onnx_packing import PackedLayer, inline_initializer_aliases, pack_graph
 from mcn_compress.formats.onnx_torch import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, torch_export
 from mcn_compress.formats.packed import pack_signs
@@ -60,6 +61,7 @@ from mcn_compress.passes.fold_bn import fold_batchnorms
 _logger = logging.getLogger(__name__)
 
 WEIGHT_LAYOUTS = ("packed", "folded")
+COMPUTE_MODES = ("dense", "factored", "auto")
 _MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit on one serialised message
 
 
@@ -76,11 +78,15 @@ class OnnxExportResult:
     packed_layers: tuple[str, ...] = ()
     folded_batchnorms: tuple[str, ...] = ()
     sign_bytes: int = 0
+    compute: str = "dense"
+    factored_layers: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "out": str(self.path),
             "weights": self.weights,
+            "compute": self.compute,
+            "factored_layers": len(self.factored_layers),
             "opset": self.opset,
             "input_shape": list(self.input_shape),
             "dynamic_batch": self.dynamic_batch,
@@ -99,9 +105,13 @@ class _Prepared:
 
 
 # --- options --------------------------------------------------------------------------------
-def _check_options(weights: str, opset: int) -> None:
+def _check_options(weights: str, opset: int, compute: str = "dense") -> None:
     if weights not in WEIGHT_LAYOUTS:
         raise ConfigError(f"weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
+    if compute not in COMPUTE_MODES:
+        raise ConfigError(f"compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+    if compute != "dense" and weights != "packed":
+        raise ConfigError(f"compute {compute!r} needs weights 'packed' (the sign bits)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ConfigError(
             f"opset {opset} is out of range: use {MIN_OPSET}..{MAX_OPSET} "
@@ -155,14 +165,16 @@ def onnx_model(
     opset: int = DEFAULT_OPSET,
     input_size: int | Sequence[int] | None = None,
     dynamic_batch: bool = False,
+    compute: str = "dense",
 ) -> tuple[Any, OnnxExportResult]:
     """The checked ``onnx.ModelProto`` of ``model`` and a description (path and bytes unset).
 
-    See the module docstring for the layouts; `export_onnx` writes it to a file.
+    See the module docstring for the layouts and `export_onnx` for ``compute``; `export_onnx`
+    writes it to a file.
     """
     import onnx
 
-    _check_options(weights, opset)
+    _check_options(weights, opset, compute)
     shape = resolve_input_shape(model, input_size)
     prepared = _prepare(model, weights)
     if weights == "packed" and not prepared.layers:
@@ -171,12 +183,22 @@ def onnx_model(
     proto = torch_export(prepared.model, example, opset, dynamic_batch, weights)
     inline_initializer_aliases(proto.graph)
     packed: list[str] = []
+    factored: list[str] = []
     if weights == "packed":
-        packed = pack_graph(proto, prepared.layers, opset)
+        dense_layers = prepared.layers
+        if compute != "dense":
+            sizes = _input_sizes(prepared.model, example, [layer.name for layer in dense_layers])
+            dense_layers, choices = factor_graph(proto, dense_layers, compute, opset, sizes)
+            factored = [c.name for c in choices if c.mode != "dense"]
+        packed = pack_graph(proto, dense_layers, opset) + factored
     foreign = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the exported graph uses non-standard ONNX domains: {foreign}")
-    for key, value in (("mcn_compress.weights", weights), ("mcn_compress.planes", _planes(model))):
+    for key, value in (
+        ("mcn_compress.weights", weights),
+        ("mcn_compress.planes", _planes(model)),
+        ("mcn_compress.compute", compute),
+    ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     size = proto.ByteSize()
@@ -199,8 +221,31 @@ def onnx_model(
         packed_layers=tuple(packed),
         folded_batchnorms=tuple(prepared.folded_batchnorms.values()),
         sign_bytes=sum(layer.signs.size for layer in prepared.layers),
+        compute=compute,
+        factored_layers=tuple(factored),
     )
     return proto, result
+
+
+def _input_sizes(
+    model: nn.Module, example: torch.Tensor, names: list[str]
+) -> dict[str, tuple[int, int]]:
+    """Input height and width of the named modules on ``example`` (forward pre-hooks)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    handles = []
+    for name in names:
+
+        def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            sizes.setdefault(name, (int(args[0].shape[-2]), int(args[0].shape[-1])))
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
 
 
 def _planes(model: nn.Module) -> str:
@@ -216,6 +261,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     input_size: int | Sequence[int] | None = None,
     dynamic_batch: bool = False,
+    compute: str = "dense",
 ) -> OnnxExportResult:
     """Write ``model`` as an ONNX file that onnxruntime runs without custom operators.
 
@@ -227,6 +273,11 @@ def export_onnx(
         opset: ONNX opset, ``MIN_OPSET``..``MAX_OPSET`` (BitwiseAnd from 18, Mod below).
         input_size: S, (H, W) or (C, H, W) of one input; default from the model (224).
         dynamic_batch: make the batch dimension of input and output symbolic.
+        compute: ``"dense"`` (one ``Conv`` with the rebuilt Q per layer), ``"factored"`` (every
+            converted conv in factored form: H = out / K binary filters and the M combination,
+            K times fewer MACs; docs/design.md section 4.8, `mcn_compress.formats.onnx_factored`)
+            or ``"auto"`` (factored where `mcn_compress.passes.factored.choose_mode` expects it
+            to be faster, per layer). Factored forms need ``weights="packed"``.
 
     Raises:
         ConfigError: an option is out of range.
@@ -236,7 +287,12 @@ def export_onnx(
         >>> export_onnx(load("model.pt"), "model.onnx", weights="packed").bytes
     """
     proto, result = onnx_model(
-        model, weights=weights, opset=opset, input_size=input_size, dynamic_batch=dynamic_batch
+        model,
+        weights=weights,
+        opset=opset,
+        input_size=input_size,
+        dynamic_batch=dynamic_batch,
+        compute=compute,
     )
     payload = proto.SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
@@ -245,6 +301,7 @@ def export_onnx(
 
 
 __all__ = [
+    "COMPUTE_MODES",
     "DEFAULT_OPSET",
     "MAX_OPSET",
     "MIN_OPSET",

@@ -27,13 +27,17 @@ class PackedLayer:
 
 
 class GraphBuilder:
-    """Adds nodes and initializers to the packed graph; shared constants are added once."""
+    """Adds nodes and initializers to the packed graph; shared constants are added once.
 
-    def __init__(self, opset: int) -> None:
+    ``existing``: initializer names already in the graph; a shared constant of that name
+    (its name encodes its value) is reused rather than added again.
+    """
+
+    def __init__(self, opset: int, existing: Sequence[str] = ()) -> None:
         self.opset = opset
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
-        self._constants: dict[str, str] = {}
+        self._constants: dict[str, str] = {name: name for name in existing}
 
     def constant(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -59,19 +63,15 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op, inputs, [output], name=f"{output}/{op}", **attrs))
         return output
 
-    def unpack(self, layer: PackedLayer, output: str) -> None:
-        """The subgraph that rebuilds ``layer.weight`` into tensor ``output``."""
+    def signs_of(self, layer: PackedLayer, prefix: str) -> str:
+        """The subgraph that decodes ``layer.signs`` into a float ±1 tensor of shape
+        ``(h, 1, cin, kh, kw)`` (``prefix`` names its tensors); returns the tensor's name."""
         from onnx import TensorProto
 
         h, cin, kh, kw = layer.latent_shape
-        k = layer.mfilter.shape[0]
         numel = h * cin * kh * kw
-        p = f"{output}.unpack"
-        signs = self.tensor(f"{output}.signs", layer.signs.astype(np.uint8))
-        mfilter = self.tensor(
-            f"{output}.mfilter",
-            layer.mfilter.astype(np.float32).reshape(1, k, 1, *layer.mfilter.shape[1:]),
-        )
+        p = f"{prefix}.unpack"
+        signs = self.tensor(f"{prefix}.signs", layer.signs.astype(np.uint8))
         column = self.node("Reshape", [signs, self.shape([-1, 1])], f"{p}.bytes")
         shifts = self.constant("mcn.bit_shifts", np.arange(8, dtype=np.uint8))
         shifted = self.node("BitShift", [column, shifts], f"{p}.shifted", direction="RIGHT")
@@ -91,7 +91,18 @@ class GraphBuilder:
         two_f = self.constant("mcn.two", np.array(2.0, dtype=np.float32))
         one_f = self.constant("mcn.one", np.array(1.0, dtype=np.float32))
         doubled = self.node("Mul", [as_float, two_f], f"{p}.doubled")
-        sign = self.node("Sub", [doubled, one_f], f"{p}.sign")
+        return self.node("Sub", [doubled, one_f], f"{p}.sign")
+
+    def unpack(self, layer: PackedLayer, output: str) -> None:
+        """The subgraph that rebuilds ``layer.weight`` into tensor ``output``."""
+        h, cin, kh, kw = layer.latent_shape
+        k = layer.mfilter.shape[0]
+        p = f"{output}.unpack"
+        sign = self.signs_of(layer, output)
+        mfilter = self.tensor(
+            f"{output}.mfilter",
+            layer.mfilter.astype(np.float32).reshape(1, k, 1, *layer.mfilter.shape[1:]),
+        )
         modulated = self.node("Mul", [sign, mfilter], f"{p}.modulated")
         out_shape = self.shape([h * k, cin, kh, kw])
         if layer.scale is None:
@@ -163,7 +174,7 @@ def pack_graph(proto: Any, layers: list[PackedLayer], opset: int) -> list[str]:
             conv_weights[name] = numpy_helper.to_array(init)
     by_value: dict[tuple[Any, ...], list[str]] = {}  # built on first need (hashing costs)
 
-    builder = GraphBuilder(opset)
+    builder = GraphBuilder(opset, [n for n in initializers if n.startswith("mcn.")])
     replaced: set[str] = set()
     packed: list[str] = []
     for layer in layers:

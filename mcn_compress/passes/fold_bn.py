@@ -29,6 +29,55 @@ def _foldable_bn(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def folding_factors(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` of an eval BatchNorm: ``bn(y) = y * s + t`` per channel, with
+    ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s`` (docs/design.md section 4.4)."""
+    assert isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None
+    assert bn.running_mean is not None
+    with torch.no_grad():
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+        scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+        return scale.detach().clone(), (beta - bn.running_mean * scale).detach().clone()
+
+
+def conv_batchnorm_pairs(
+    model: nn.Module, conv_type: type[nn.Module] = nn.Conv2d
+) -> dict[str, tuple[str, nn.Module]]:
+    """``{conv name: (bn name, what replaces the BN)}`` for each module of exactly
+    ``conv_type`` whose output only a foldable eval BatchNorm consumes (each called once).
+
+    Needs torch.fx tracing (`mcn_compress.passes.tracing`); an untraceable model gives ``{}``.
+    """
+    from torch import fx
+
+    from mcn_compress.passes.tracing import trace
+
+    try:
+        gm = trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "do not fold"
+        _logger.info("BatchNorm not folded: torch.fx cannot trace the model (%s)", exc)
+        return {}
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    pairs: dict[str, tuple[str, nn.Module]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(modules.get(str(node.target))) is not conv_type:
+            continue
+        users: list[fx.Node] = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0].args != (node,):
+            continue
+        conv_name, bn_name = str(node.target), str(users[0].target)
+        replacement = _foldable_bn(modules[bn_name])
+        if replacement is None or users[0].kwargs or calls[conv_name] != 1 or calls[bn_name] != 1:
+            continue
+        pairs[conv_name] = (bn_name, replacement)
+    return pairs
+
+
 def fold_batchnorms(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
     """Fold, in place, each eval BatchNorm that alone consumes a plain ``nn.Conv2d`` output.
 
@@ -38,34 +87,10 @@ def fold_batchnorms(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
     (`mcn_compress.passes.tracing`); an untraceable model is left unchanged (docs/design.md
     section 4).
     """
-    from torch import fx
-
-    from mcn_compress.passes.tracing import trace
-
-    try:
-        gm = trace(model)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means "do not fold"
-        _logger.info(
-            "BatchNorm not folded before export: torch.fx cannot trace the model (%s)", exc
-        )
-        return {}
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     folded: dict[str, tuple[str, torch.Tensor]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or type(modules.get(str(node.target))) is not nn.Conv2d:
-            continue
-        users: list[fx.Node] = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module" or users[0].args != (node,):
-            continue
-        conv_name, bn_name = str(node.target), str(users[0].target)
+    for conv_name, (bn_name, replacement) in conv_batchnorm_pairs(model, nn.Conv2d).items():
         conv, bn = modules[conv_name], modules[bn_name]
-        replacement = _foldable_bn(bn)
-        if replacement is None or users[0].kwargs or calls[conv_name] != 1 or calls[bn_name] != 1:
-            continue
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
         with torch.no_grad():
             gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
