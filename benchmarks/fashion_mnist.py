@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
 from mcn_compress.pipeline import Budget, Variant, VariantResult, finetune_variant, pretrain_float
 from mcn_compress.training.run_dir import EpochMetrics
 from mcn_compress.training.trainer import TrainCallbacks
@@ -120,6 +121,19 @@ def main() -> None:
         default=1,
         help="fine-tune this many variants at once in worker processes (threads split evenly)",
     )
+    parser.add_argument(
+        "--calibrate-images",
+        type=int,
+        default=DEFAULT_IMAGES,
+        help="unlabeled training images for BatchNorm recalibration and distillation",
+    )
+    parser.add_argument(
+        "--calibrate-steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help="label-free distillation steps after conversion (0: BatchNorm only); the "
+        "'calibrated' column is the top-1 after them",
+    )
     parser.add_argument("--units", help=argparse.SUPPRESS)  # a worker's SEED:VARIANT,... list
     args = parser.parse_args()
     keys = args.variants.split(",")
@@ -144,6 +158,8 @@ def main() -> None:
             batch_size=args.batch_size,
             seed=seed,
             augment=args.augment,
+            calibrate_images=args.calibrate_images,
+            calibrate_steps=args.calibrate_steps,
         )
         for seed in seeds
     }
@@ -201,7 +217,8 @@ def table(
     gives each row's paired difference: mean ± sd over seeds of (row - reference) top-1.
     """
     several = len(per_variant[0]) > 1
-    head = ["variant", "top-1", "top-5", "after conversion", "conv-weight bits", "vs float"]
+    head = ["variant", "top-1", "top-5", "after conversion", "calibrated"]
+    head += ["conv-weight bits", "vs float"]
     if several:
         head[2:2] = ["top-1 per seed"] + (["vs keep K=4 (paired)"] if reference else [])
     lines = ["| " + " | ".join([*head, "train img/s"]) + " |", "|" + "---|" * (len(head) + 1)]
@@ -214,10 +231,12 @@ def table(
                 diffs = [r.top1 - ref.top1 for r, ref in zip(results, reference, strict=True)]
                 cells.append("-" if results is reference else signed(diffs))
         afters = [r.after_conversion_top1 for r in results if r.after_conversion_top1 is not None]
+        calibrated = [r.calibrated_top1 for r in results if r.calibrated_top1 is not None]
         ratio = first.float_conv_bits / first.conv_bits
         cells += [
             f"{statistics.mean(r.top5 for r in results):.2f}",
             f"{statistics.mean(afters):.2f}" if afters else "-",
+            f"{statistics.mean(calibrated):.2f}" if calibrated else "-",
             f"{first.conv_bits:,}",
             f"1/{ratio:.0f}" if first.conv_bits != first.float_conv_bits else "1",
             f"{statistics.mean(r.images_per_sec for r in results):.0f}",

@@ -19,6 +19,7 @@ class QuickstartResult:
     float_bytes: int
     mcn_top1: float
     mcn_after_conversion_top1: float | None
+    mcn_calibrated_top1: float | None
     packed_bytes: int
     packed_path: Path
     checkpoint_path: Path
@@ -37,7 +38,9 @@ def quickstart(
     planes: int = 4,
     callbacks_for: Callable[[str], TrainCallbacks | None] = lambda _: None,
 ) -> QuickstartResult:
-    """Float baseline (reused when already trained) -> MCN K=``planes`` -> fine-tune -> .mcn."""
+    """Float baseline (reused when already trained) -> MCN K=``planes`` -> BatchNorm
+    recalibration and label-free distillation on ``budget.calibrate_images`` unlabeled
+    training images (docs/design.md section 2.10) -> fine-tune -> .mcn."""
     import time
 
     from mcn_compress.formats.load import load
@@ -56,6 +59,7 @@ def quickstart(
         float_bytes=float32_file_bytes(float_model(budget, float_weights)),
         mcn_top1=max(m.val_top1 for m in read_history(result.run_dir)),
         mcn_after_conversion_top1=result.after_conversion_top1,
+        mcn_calibrated_top1=result.calibrated_top1,
         packed_bytes=packed.stat().st_size,
         packed_path=packed,
         checkpoint_path=checkpoint,

@@ -46,7 +46,7 @@ def test_several_seeds_give_mean_sd_and_paired_differences() -> None:
 def test_one_seed_keeps_the_single_run_table() -> None:
     lines = bench.table([[_result("float", 91.25, bits=3200)], [_result("k4", 90.35)]], None)
     assert _cells(lines[0])[:2] == ["variant", "top-1"] and "top-1 per seed" not in lines[0]
-    assert _cells(lines[2])[1] == "91.25" and _cells(lines[2])[5] == "1"
+    assert _cells(lines[2])[1] == "91.25" and _cells(lines[2])[6] == "1"
     assert _cells(lines[3])[1] == "90.35"
 
 

@@ -133,6 +133,8 @@ def test_calibration_from_image_folder(weights_file: Path, tmp_path: Path) -> No
         str(calibrated),
         "--calibrate-data",
         str(tmp_path / "imgs"),
+        "--calibrate-steps",
+        "0",
         "--batch-size",
         "3",
     )
@@ -232,3 +234,81 @@ def test_help_and_version() -> None:
     result = _run("convert", "--help")
     assert result.exit_code == 0 and "--planes" in result.stdout and "Examples" in result.stdout
     assert _run("--version").stdout.startswith("mcn-compress ")
+
+
+# --- calibration: BatchNorm + label-free distillation (docs/design.md section 2.10) ---------
+TINY = ("mcn_resnet_tiny", "--no-pretrained", "--num-classes", "10", "--in-chans", "1")
+
+
+def _conversion(path: Path) -> dict:
+    from mcn_compress.info import info_of
+
+    return info_of(load(path)).metadata["conversion"]
+
+
+@pytest.mark.parametrize("width", ["keep", "expand"])
+def test_calibrate_synthetic_distills_and_records(width: str, tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    args = ("--calibrate-data", "synthetic", "--calibrate-images", "48", "--batch-size", "16")
+    result = _run(
+        "convert", *TINY, "--width", width, "-k", "2", *args, "--calibrate-steps", "4",
+        "-o", str(out), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["calibration_images"], data["calibration_steps"]) == (48, 4)
+    assert len(data["calibration_kl"]) == 2
+    saved = _conversion(out)
+    assert (saved["calibration_images"], saved["calibration_steps"]) == (48, 4)
+
+
+def test_calibrate_table_and_image_folder_uses_all_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("L", (30, 30), color=40 * i).save(folder / f"{i}.png")
+    out = tmp_path / "m.pt"
+    result = _run(
+        "convert", *TINY, "--calibrate-data", str(folder), "--calibrate-steps", "2",
+        "--batch-size", "2", "-o", str(out),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "5 images, 2 distillation steps" in result.stdout
+    assert _conversion(out)["calibration_images"] == 5
+
+
+def test_calibrate_fashion_mnist_subset(tmp_path: Path) -> None:
+    from mcn_compress.data import find_fashion_mnist
+    from mcn_compress.errors import DataError
+
+    try:
+        find_fashion_mnist()
+    except DataError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "m.pt"
+    result = _run(
+        "convert", *TINY, "--calibrate-data", "fashion_mnist", "--calibrate-images", "32",
+        "--calibrate-steps", "0", "-o", str(out), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["calibration_images"], data["calibration_steps"]) == (32, 0)
+
+
+def test_calibrate_bad_inputs(tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    base = ("convert", *TINY, "-o", str(out))
+    _assert_one_line_error(
+        _run(*base, "--calibrate-data", str(tmp_path / "nope")), "neither a directory"
+    )
+    _assert_one_line_error(_run(*base, "--calibrate-data", "cifar10"), "root")
+    bad_device = _run(*base, "--calibrate-data", "synthetic", "--device", "tpu")
+    _assert_one_line_error(bad_device, "--device")
+    if not torch.cuda.is_available():
+        _assert_one_line_error(
+            _run(*base, "--calibrate-data", "synthetic", "--device", "cuda"), "no CUDA"
+        )
+    assert _run(*base, "--calibrate-steps", "-1").exit_code != 0
+    assert not out.exists()

@@ -26,6 +26,10 @@ TINY = [
     "1",
     "--epochs",
     "1",
+    "--calibrate-images",
+    "256",
+    "--calibrate-steps",
+    "10",
 ]
 
 
@@ -41,6 +45,7 @@ def test_quickstart_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert data["compression"] == pytest.approx(data["float_bytes"] / data["packed_bytes"])
     assert data["compression"] > 10
     assert 0 <= data["mcn_top1"] <= 100 and 0 <= data["float_top1"] <= 100
+    assert 0 <= data["mcn_calibrated_top1"] <= 100
     assert type(load(packed)).__name__ == "SmallResNet"
     float_run, mcn_run = out / "float" / "last.pt", out / "mcn" / "last.pt"
     assert yaml.safe_load((out / "float" / "recipe.yaml").read_text())["data"]["augment"] is False

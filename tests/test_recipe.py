@@ -324,3 +324,69 @@ def test_param_groups_decay_only_weights_in_an_optimizer_step() -> None:
     opt.step()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"0.weight", "2.weight", "3.weight", "6.weight"}
+
+
+# --- converted checkpoint replaces the model source; warmup clamp; relative paths -----------
+@pytest.fixture(autouse=True)
+def _library_logs_reach_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's `setup_logging` (run by other tests) stops propagation; undo it here."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("mcn_compress"), "propagate", True)
+
+
+def test_checkpoint_override_drops_the_float_source(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shipped = next(p for p in RECIPES if p.name == "fashion-mnist.yaml")
+    with caplog.at_level("INFO", logger="mcn_compress"):
+        recipe = load_recipe(shipped, ["model.checkpoint=m.pt", "optim.epochs=1"])
+    assert recipe.model.checkpoint == "m.pt"
+    assert recipe.model.name is None and recipe.model.weights is None
+    assert recipe.model.convert is None and recipe.model.num_classes == 10
+    lines = [r.getMessage() for r in caplog.records if "replaces" in r.getMessage()]
+    assert len(lines) == 1
+    assert all(k in lines[0] for k in ("model.name", "model.weights", "model.convert"))
+    assert recipe.optim.warmup_epochs == 0  # 1 epoch of warmup in a 1-epoch run: clamped
+
+
+def test_name_override_drops_a_recipe_checkpoint(tmp_path: Path) -> None:
+    data = base()
+    data["model"] = {"checkpoint": "m.pt"}
+    recipe = load_recipe(write(tmp_path, yaml.safe_dump(data)), ["model.name=resnet18"])
+    assert recipe.model.name == "resnet18" and recipe.model.checkpoint is None
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mcn_compress.training.recipe import OptimRecipe
+
+    with caplog.at_level("WARNING", logger="mcn_compress"):
+        assert OptimRecipe(epochs=3, warmup_epochs=5).warmup_epochs == 2
+    assert "not shorter than the run" in caplog.text
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        OptimRecipe(epochs=3, warmup_epochs=-1)
+
+
+def test_relative_paths_resolve_against_cwd_then_recipe_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "w.pt").write_bytes(b"x")
+    data = base()
+    data["model"] = {"name": "resnet18", "weights": "w.pt", "teacher": "original"}
+    path = write(folder, yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="mcn_compress"):
+        recipe = load_recipe(path)
+    assert recipe.model.weights == str(folder / "w.pt")
+    assert "relative to the recipe's folder" in caplog.text
+    (tmp_path / "w.pt").write_bytes(b"y")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mcn_compress"):
+        assert load_recipe(path).model.weights == "w.pt"
+    assert "relative to the current folder" in caplog.text
+    # given on the command line: taken as it is, relative to the current folder
+    assert load_recipe(path, ["model.weights=other.pt"]).model.weights == "other.pt"

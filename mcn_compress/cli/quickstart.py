@@ -10,6 +10,7 @@ from rich.table import Table
 
 from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, out, print_json
 from mcn_compress.cli.finetune import RichCallbacks, training_progress
+from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
 
 
 def quickstart_command(
@@ -33,6 +34,17 @@ def quickstart_command(
             "cost the K=4 MCN 1.6 points, see the README).",
         ),
     ] = False,
+    calibrate_images: Annotated[
+        int, typer.Option(help="Unlabeled training images to calibrate the MCN on.", min=1)
+    ] = DEFAULT_IMAGES,
+    calibrate_steps: Annotated[
+        int,
+        typer.Option(
+            help="Label-free distillation steps from the float model right after conversion "
+            "(0 = BatchNorm recalibration only).",
+            min=0,
+        ),
+    ] = DEFAULT_STEPS,
     data_root: Annotated[
         Path | None,
         typer.Option(help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)."),
@@ -59,6 +71,8 @@ def quickstart_command(
         epochs=epochs,
         root=str(data_root) if data_root else None,
         augment=augment,
+        calibrate_images=calibrate_images,
+        calibrate_steps=calibrate_steps,
     )
     progress = training_progress(show)
     with cli_errors(), progress:
@@ -77,6 +91,7 @@ def quickstart_command(
                 "float_bytes": result.float_bytes,
                 "mcn_top1": result.mcn_top1,
                 "mcn_after_conversion_top1": result.mcn_after_conversion_top1,
+                "mcn_calibrated_top1": result.mcn_calibrated_top1,
                 "packed_bytes": result.packed_bytes,
                 "compression": result.ratio,
                 "packed": str(result.packed_path),
@@ -97,6 +112,22 @@ def quickstart_command(
         f"{result.float_bytes:,}",
         "1.0x",
     )
+    if result.mcn_after_conversion_top1 is not None:
+        table.add_row(
+            f"MCN K={planes} after conversion (BatchNorm recalibrated)",
+            f"{result.mcn_after_conversion_top1:.2f}",
+            "-",
+            "-",
+            "-",
+        )
+    if result.mcn_calibrated_top1 is not None:
+        table.add_row(
+            f"MCN K={planes} calibrated ({calibrate_steps} steps, no labels)",
+            f"{result.mcn_calibrated_top1:.2f}",
+            "-",
+            "-",
+            "-",
+        )
     table.add_row(
         f"MCN K={planes} (+{epochs} ep)",
         f"{result.mcn_top1:.2f}",
@@ -107,5 +138,6 @@ def quickstart_command(
     out.print(table)
     out.print(
         f"conv weights: {result.float_conv_bits / 8:,.0f} -> {result.conv_bits / 8:,.0f} bytes; "
-        f"checkpoint for more fine-tuning: {result.checkpoint_path}"
+        f"checkpoint for more fine-tuning: {result.checkpoint_path}",
+        markup=False,
     )

@@ -50,6 +50,22 @@ def summary_table(summary: ConversionSummary, title: str = "Summary") -> Table:
         f"{human_bits(summary.conv_float_bits)} -> {human_bits(summary.conv_mcn_bits)}",
     )
     table.add_row("conv-weight compression", f"{summary.conv_compression:.1f}x")
+    if summary.calibration_images:
+        table.add_row("calibration", calibration_text(summary.to_dict()))
     if not summary.traced:
         table.add_row("[yellow]FX trace[/]", f"failed, module swap used ({summary.trace_error})")
     return table
+
+
+def calibration_text(conversion: dict[str, object]) -> str:
+    """The calibration of a conversion summary's `to_dict` (also as stored in checkpoint
+    metadata) in words: images, distillation steps, KL; "-" when it was not calibrated."""
+    images = conversion.get("calibration_images") or 0
+    if not images:
+        return "-"
+    steps = conversion.get("calibration_steps") or 0
+    text = f"{images:,} images, " + (f"{steps:,} distillation steps" if steps else "BatchNorm only")
+    kl = conversion.get("calibration_kl")
+    if isinstance(kl, list | tuple) and len(kl) == 2:
+        text += f" (KL {kl[0]:.3f} -> {kl[1]:.3f})"
+    return text

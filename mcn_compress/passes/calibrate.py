@@ -18,7 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 _logger = logging.getLogger(__name__)
 
 
-def _batch_input(batch: object) -> torch.Tensor:
+def batch_input(batch: object) -> torch.Tensor:
+    """The input tensor of a batch: the tensor itself or the first item of a pair."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, list | tuple) and batch and isinstance(batch[0], torch.Tensor):
@@ -58,7 +59,7 @@ def recalibrate_batchnorm(
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
-            x = _batch_input(batch).to(device)
+            x = batch_input(batch).to(device)
             model(x)
             seen += x.shape[0]
             if progress is not None:

@@ -41,7 +41,13 @@ class LayerRecord:
 
 @dataclass
 class ConversionSummary:
-    """What `convert` did: every conv with its decision, and whether FX traced the model."""
+    """What `convert` did: every conv with its decision, and whether FX traced the model.
+
+    ``calibration_images`` / ``calibration_steps``: the unlabeled images BatchNorm was
+    recalibrated on and the label-free distillation steps on them (docs/design.md section
+    2.10; 0 and 0 when `convert` had no calibration data). ``calibration_kl`` is the KL to
+    the float model at the first and the last distillation step (None without distillation).
+    """
 
     planes: int
     width: str
@@ -50,6 +56,9 @@ class ConversionSummary:
     traced: bool = True
     trace_error: str | None = None
     total_params: int = 0
+    calibration_images: int = 0
+    calibration_steps: int = 0
+    calibration_kl: tuple[float, float] | None = None
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -97,6 +106,9 @@ class ConversionSummary:
             "conv_float_bits": self.conv_float_bits,
             "conv_mcn_bits": self.conv_mcn_bits,
             "conv_compression": self.conv_compression,
+            "calibration_images": self.calibration_images,
+            "calibration_steps": self.calibration_steps,
+            "calibration_kl": None if self.calibration_kl is None else list(self.calibration_kl),
             "layers": [
                 {**asdict(layer), "kernel_size": list(layer.kernel_size)} for layer in self.layers
             ],

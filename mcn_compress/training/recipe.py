@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,22 @@ OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["cosine", "step"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpMode = Literal["off", "bf16", "fp16"]
+
+_logger = logging.getLogger(__name__)
+
+#: the keys of ``model`` that say where the model comes from, by source
+MODEL_SOURCES: dict[str, tuple[str, ...]] = {
+    "checkpoint": ("checkpoint",),
+    "name": ("name", "weights", "convert", "pretrained"),
+}
+#: recipe keys holding input paths, resolved against the current or the recipe's folder
+INPUT_PATHS: tuple[tuple[str, str], ...] = (
+    ("model", "checkpoint"),
+    ("model", "weights"),
+    ("model", "teacher"),
+    ("data", "root"),
+)
+QUICKSTART_HINT = "quickstart/float/"  # the float model `mcn-compress quickstart` trains
 
 #: datasets whose ``data.root`` has no default location
 ROOT_REQUIRED: tuple[str, ...] = ("imagefolder", "cifar10", "cifar100")
@@ -175,10 +192,17 @@ class OptimRecipe:
             problems.append(("momentum", f"expected a number in [0, 1), got {self.momentum}"))
         if self.weight_decay < 0:
             problems.append(("weight_decay", f"expected a number >= 0, got {self.weight_decay}"))
-        if not 0 <= self.warmup_epochs < max(self.epochs, 1):
-            problems.append(
-                ("warmup_epochs", f"expected an integer in [0, epochs), got {self.warmup_epochs}")
+        if self.warmup_epochs < 0:
+            problems.append(("warmup_epochs", f"expected an integer >= 0: {self.warmup_epochs}"))
+        elif self.epochs >= 1 and self.warmup_epochs >= self.epochs:
+            clamped = self.epochs - 1
+            _logger.warning(
+                "optim.warmup_epochs %d is not shorter than the run (%d epochs): using %d",
+                self.warmup_epochs,
+                self.epochs,
+                clamped,
             )
+            object.__setattr__(self, "warmup_epochs", clamped)
         milestones = tuple(self.milestones)
         if self.schedule == "step" and not milestones:
             milestones = tuple(
@@ -307,7 +331,68 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise ConfigError(f"{path}: expected {describe_type(Recipe)}, got {show_value(data)}")
     if overrides:
         data = apply_overrides(data, overrides)
+        data = replace_model_source(data, overrides)
+    data = resolve_recipe_paths(data, path.parent, overrides)
     return recipe_from_dict(data, source=str(path))
+
+
+def _set_keys(overrides: Sequence[str]) -> set[str]:
+    return {text.partition("=")[0].replace(" ", "") for text in overrides}
+
+
+def replace_model_source(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """When ``overrides`` give the model's other source (``model.checkpoint`` for a recipe
+    that names a float model, or ``model.name`` for one that names a checkpoint), drop the
+    recipe's keys of the source it replaces (`MODEL_SOURCES`), with one log line."""
+    result = dict(data)
+    model = result.get("model")
+    given = _set_keys(overrides)
+    if not isinstance(model, Mapping):
+        return result
+    for new, other in (("checkpoint", "name"), ("name", "checkpoint")):
+        if f"model.{new}" not in given or model.get(new) is None:
+            continue
+        dropped = [k for k in MODEL_SOURCES[other] if k in model and f"model.{k}" not in given]
+        if dropped:
+            result["model"] = {k: v for k, v in model.items() if k not in dropped}
+            _logger.warning(
+                "model.%s replaces the recipe's model source: ignoring %s",
+                new,
+                ", ".join(f"model.{k}" for k in dropped),
+            )
+        break
+    return result
+
+
+def resolve_recipe_paths(
+    data: Mapping[str, Any], recipe_dir: Path, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Resolve the relative input paths of a recipe file (`INPUT_PATHS`, not those given by
+    ``overrides``): a path that exists from the current folder is kept, else one that exists
+    from ``recipe_dir`` (the recipe's folder) is rewritten to it; one log line says which.
+    Paths found in neither place are left as they are (the step that needs them says so)."""
+    result = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    given = _set_keys(overrides)
+    for section, key in INPUT_PATHS:
+        block = result.get(section)
+        value = block.get(key) if isinstance(block, dict) else None
+        if not isinstance(value, str) or not value or f"{section}.{key}" in given:
+            continue
+        if Path(value).is_absolute() or value == "original":
+            continue
+        beside = recipe_dir / value
+        if Path(value).exists():
+            where = "the current folder"
+            if beside.exists() and beside.resolve() != Path(value).resolve():
+                where += f" (not the recipe's folder {recipe_dir})"
+            _logger.warning("%s.%s %s: relative to %s", section, key, value, where)
+        elif beside.exists():
+            assert isinstance(block, dict)
+            block[key] = str(beside)
+            _logger.warning(
+                "%s.%s %s: relative to the recipe's folder (%s)", section, key, value, beside
+            )
+    return result
 
 
 def _override_type(keys: list[str], text: str) -> Any:
