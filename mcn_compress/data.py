@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mcn_compress.errors import DataError
+from mcn_compress.errors import DataError, first_line
 from mcn_compress.module_utils import in_channels
 
 if TYPE_CHECKING:
@@ -98,10 +98,14 @@ class UnlabeledImages(Dataset[torch.Tensor]):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(self.files[index]) as image:
-            return self.transform(image.convert(self.mode))
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert(self.mode))
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {first_line(exc)}") from exc
 
 
 def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:

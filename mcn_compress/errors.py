@@ -29,6 +29,10 @@ class OutputError(CheckpointError):
     checkpoint errors keeps working."""
 
 
+class RunFolderError(MCNError):
+    """A run folder is in use by another run, or holds a finished run that would be replaced."""
+
+
 class DataError(MCNError):
     """Training or evaluation data is missing, in an unknown layout, or malformed."""
 

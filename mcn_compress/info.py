@@ -21,6 +21,18 @@ from mcn_compress.passes.summary import ConversionSummary
 
 INFO_ATTRIBUTE = "mcn_info"
 TV_PREFIX = "tv:"
+LIBRARIES = ("timm", "torchvision")
+
+MODEL_KWARGS: dict[str, tuple[type, ...]] = {
+    "num_classes": (int,),
+    "in_chans": (int,),
+    "drop_rate": (float, int),
+    "drop_path_rate": (float, int),
+    "mlp_ratio": (float, int),
+}
+"""Constructor keys a stored model description may carry, and their value types. The
+description is data, not instructions: keys that name a file (``checkpoint_path``), overlay a
+config (``pretrained_cfg_overlay``) or anything else are refused at save and at load."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,29 @@ class ModelSource:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # where the float weights came from (informational)
+
+    def __post_init__(self) -> None:
+        if self.library not in LIBRARIES:
+            raise ModelLoadError(
+                f"model library {self.library!r} is not one of {', '.join(LIBRARIES)}"
+            )
+        scheme = self.name.partition(":")[0] if ":" in self.name else None
+        if not self.name or scheme not in (None, "hf-hub", "hf_hub"):
+            raise ModelLoadError(
+                f"model name {self.name!r} is not allowed in a model description (a timm or "
+                "torchvision name, or hf-hub:ID)"
+            )
+        for key, value in self.kwargs.items():
+            kinds = MODEL_KWARGS.get(key)
+            if kinds is None:
+                raise ModelLoadError(
+                    f"model constructor key {key!r} is not allowed in a model description "
+                    f"(allowed: {', '.join(MODEL_KWARGS)})"
+                )
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ModelLoadError(f"model constructor key {key!r} has a bad value {value!r}")
+            if key in ("num_classes", "in_chans") and value < 1:
+                raise ModelLoadError(f"{key} must be a positive integer, got {value}")
 
     @property
     def display_name(self) -> str:

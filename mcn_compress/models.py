@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ def resolve_source(
 ) -> ModelSource:
     """Check ``name`` exists and return its `ModelSource` (no weights are built)."""
     import timm
+
+    for option, value in (("--num-classes", num_classes), ("--in-chans", in_chans)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ModelLoadError(f"{option} must be a positive integer, got {value}")
 
     import mcn_compress.smallnets  # noqa: F401  (registers mcn_resnet_small with timm)
 
@@ -103,6 +108,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     common containers (``state_dict``, ``model``, ``state_dict_ema``) and ``module.`` prefixes.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"weights file {path} is a directory; give a state-dict file")
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} does not exist")
     try:
@@ -112,11 +119,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             data: Any = load_file(str(path))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():
+            raise ModelLoadError(_unreadable(path, exc)) from exc
         raise ModelLoadError(
-            f"cannot read weights file {path}: {type(exc).__name__} (a state dict in "
-            f".pt/.pth/.safetensors is expected; pickled code is refused)"
+            f"cannot read weights file {path}: it holds pickled objects other than tensors "
+            "(pickled code is refused; save a plain state dict)"
         ) from exc
+    except Exception as exc:
+        raise ModelLoadError(_unreadable(path, exc)) from exc
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -124,6 +135,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ModelLoadError(f"weights file {path} does not hold a state dict of tensors")
     return {str(k).removeprefix("module."): v for k, v in data.items()}
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    return (
+        f"cannot read weights file {path}: not a .pt/.pth/.safetensors state dict, or truncated "
+        f"({type(exc).__name__})"
+    )
 
 
 def load_weights(model: nn.Module, path: str | Path, model_name: str = "model") -> None:

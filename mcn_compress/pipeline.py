@@ -17,6 +17,7 @@ import torch
 
 from mcn_compress.errors import PipelineStopped
 from mcn_compress.module_utils import conv_bits
+from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
 from mcn_compress.training.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from mcn_compress.training.run_dir import LAST, EpochMetrics, read_history, run_finished
 from mcn_compress.training.trainer import TrainCallbacks, Trainer, TrainResult
@@ -38,6 +39,8 @@ class Budget:
     seed: int = 0
     root: str | None = None
     augment: bool = False  # random crop + flip cost keep K=4 1.6 points (README)
+    calibrate_images: int = DEFAULT_IMAGES  # unlabeled training images after conversion
+    calibrate_steps: int = DEFAULT_STEPS  # label-free distillation steps; 0: BatchNorm only
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def pretrain_float(
     if _same_recipe(run_dir, recipe) and run_finished(run_dir, budget.pretrain_epochs):
         _logger.info("reusing the float model in %s", run_dir)
         return run_dir / LAST, read_history(run_dir)
-    trainer = Trainer(recipe, callbacks=callbacks, model=float_model(budget))
+    trainer = Trainer(recipe, callbacks=callbacks, model=float_model(budget), overwrite=True)
     result = _fit(trainer)
     return run_dir / LAST, result.history
 
@@ -161,6 +164,9 @@ class VariantResult:
     images_per_sec: float
     after_conversion_top1: float | None
     run_dir: Path
+    calibrated_top1: float | None = None  # after the label-free distillation, before training
+    calibration_images: int = 0
+    calibration_steps: int = 0
 
 
 def finetune_variant(
@@ -184,14 +190,20 @@ def finetune_variant(
     mcn_optim = {**MCN_OPTIM, "warmup_epochs": mcn_warmup_epochs(budget.epochs)}
     optim = {**(mcn_optim if variant.convert else FLOAT_OPTIM), **variant.optim}
     recipe = _recipe(budget, run_dir, budget.epochs, variant.convert, float_weights, loss, optim)
-    reused = _finished_variant(run_dir, recipe, variant.label)
+    calibration = (budget.calibrate_images, budget.calibrate_steps) if variant.convert else (0, 0)
+    reused = _finished_variant(run_dir, recipe, variant.label, calibration)
     if reused is not None:
         _logger.info("reusing the finished run in %s", run_dir)
         return reused
     (run_dir / _VARIANT_FILE).unlink(missing_ok=True)  # stale once a new run starts here
-    model = None if variant.convert else float_model(budget, float_weights)
-    trainer = Trainer(recipe, callbacks=callbacks, model=model)
-    start_top1 = trainer.evaluate()[1] if variant.convert else None
+    if not variant.convert:
+        model = float_model(budget, float_weights)
+        trainer = Trainer(recipe, callbacks=callbacks, model=model, overwrite=True)
+        start_top1 = calibrated_top1 = None
+    else:
+        trainer, start_top1, calibrated_top1 = _calibrated_trainer(
+            budget, recipe, float_weights, callbacks
+        )
     result = _fit(trainer)
     last = result.history[-1]
     mcn_bits = conv_bits(trainer.model)
@@ -205,9 +217,37 @@ def finetune_variant(
         images_per_sec=sum(m.images_per_sec for m in result.history) / len(result.history),
         after_conversion_top1=start_top1,
         run_dir=run_dir,
+        calibrated_top1=calibrated_top1,
+        calibration_images=calibration[0],
+        calibration_steps=calibration[1],
     )
     _save_variant(outcome, float_weights)
     return outcome
+
+
+def _calibrated_trainer(
+    budget: Budget, recipe: Recipe, float_weights: Path, callbacks: TrainCallbacks | None
+) -> tuple[Trainer, float, float | None]:
+    """The trainer of an MCN variant and its top-1 right after conversion (BatchNorm
+    recalibrated on ``budget.calibrate_images`` unlabeled training images) and after the
+    label-free distillation from the float model (docs/design.md section 2.10; None when
+    ``budget.calibrate_steps`` is 0)."""
+    from mcn_compress.calibration_data import calibration_data
+    from mcn_compress.passes.convert import convert
+    from mcn_compress.passes.distill import distill_from_float
+
+    assert recipe.model.convert is not None
+    teacher = float_model(budget, float_weights).eval()
+    source = f"fashion_mnist:{budget.root}" if budget.root else "fashion_mnist"
+    images = calibration_data(source, teacher, budget.calibrate_images, seed=budget.seed)
+    model = convert(teacher, recipe.model.convert, calibration=images)
+    trainer = Trainer(recipe, callbacks=callbacks, model=model, overwrite=True)
+    start_top1 = trainer.evaluate()[1]
+    if not budget.calibrate_steps:
+        return trainer, start_top1, None
+    teacher.to(trainer.device)
+    distill_from_float(trainer.model, teacher, images, budget.calibrate_steps)
+    return trainer, start_top1, trainer.evaluate()[1]
 
 
 def _save_variant(result: VariantResult, float_weights: Path) -> None:
@@ -255,8 +295,11 @@ def _same_recipe(run_dir: Path, recipe: Recipe, weights_digest: str | None = Non
     return bool(saved == wanted)
 
 
-def _finished_variant(run_dir: Path, recipe: Recipe, label: str) -> VariantResult | None:
-    """The saved result of a finished run of exactly ``recipe`` in ``run_dir``, else None."""
+def _finished_variant(
+    run_dir: Path, recipe: Recipe, label: str, calibration: tuple[int, int] = (0, 0)
+) -> VariantResult | None:
+    """The saved result of a finished run of exactly ``recipe`` in ``run_dir``, after the
+    same ``(calibration images, steps)``, else None."""
     try:
         data = json.loads((run_dir / _VARIANT_FILE).read_text())
     except (OSError, ValueError):
@@ -264,6 +307,9 @@ def _finished_variant(run_dir: Path, recipe: Recipe, label: str) -> VariantResul
     if not isinstance(data, dict):
         return None
     digest = data.pop(_WEIGHTS_DIGEST, None)
+    done = (data.get("calibration_images", 0), data.get("calibration_steps", 0))
+    if done != calibration:
+        return None
     if not _same_recipe(run_dir, recipe, digest) or not run_finished(run_dir, recipe.optim.epochs):
         return None
     try:

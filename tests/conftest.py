@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Offline: hub look-ups must fail at once instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,17 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _library_logs_reach_caplog() -> Iterator[None]:
+    """The CLI routes ``mcn_compress`` logs to its own handler without propagation; undo that
+    after each test so that later tests' ``caplog`` sees the library's records."""
+    yield
+    logger = logging.getLogger("mcn_compress")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")

@@ -85,11 +85,16 @@ def test_newer_version_and_bad_fields(mcn: torch.nn.Module, tmp_path: Path) -> N
     torch.save(broken, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match="layers"):
         read_checkpoint(tmp_path / "broken.pt")
-    wrong = dict(data)
+    wrong = dict(data, version=1)  # version 1 files carry no checksum: the fit is checked
     wrong["state_dict"] = {k: v for k, v in data["state_dict"].items() if "fc" not in k}
     torch.save(wrong, tmp_path / "wrong.pt")
     with pytest.raises(CheckpointError, match="does not fit"):
         load(tmp_path / "wrong.pt")
+    edited = dict(data)  # the same edit in a version 2 file breaks its checksum
+    edited["state_dict"] = wrong["state_dict"]
+    torch.save(edited, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load(tmp_path / "edited.pt")
 
 
 def test_save_needs_rebuild_info(tmp_path: Path) -> None:
@@ -106,7 +111,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
 
     def failing(tmp: Path) -> None:
         tmp.write_bytes(b"half")
-        raise RuntimeError("disk full")
+        raise RuntimeError("the writer crashed")
 
     with pytest.raises(RuntimeError):
         atomic_write(target, failing)
@@ -121,9 +126,10 @@ def test_config_version_is_stored_and_a_newer_one_refused(
 ) -> None:
     data = torch.load(save(mcn, tmp_path / "good.pt"), weights_only=True)
     assert data["mcn"]["version"] == MCNConfig.VERSION == 1
-    old = dict(data, mcn={k: v for k, v in data["mcn"].items() if k != "version"})
+    # edited dicts are saved as format version 1, which carries no checksum
+    old = dict(data, version=1, mcn={k: v for k, v in data["mcn"].items() if k != "version"})
     torch.save(old, tmp_path / "old.pt")  # written before configs carried a version
     assert info_of(load(tmp_path / "old.pt")).config == info_of(mcn).config
-    torch.save(dict(data, mcn={**data["mcn"], "version": 2}), tmp_path / "newer.pt")
+    torch.save(dict(data, version=1, mcn={**data["mcn"], "version": 2}), tmp_path / "newer.pt")
     with pytest.raises(CheckpointError, match="upgrade mcn-compress"):
         load(tmp_path / "newer.pt")

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,16 @@ def test_cli_run_directory(tmp_path: Path) -> None:
     assert sum(1 for m in model.modules() if type(m).__name__ == "MCConv2d") == 8
 
 
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler for the test, whatever the suite was started with (under
+    ``nohup ... &`` SIGINT starts ignored); the one found is put back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("default_sigint")
 def test_resume_after_ctrl_c_matches_uninterrupted(tmp_path: Path) -> None:
     full = Trainer(recipe_from_dict(synthetic_recipe(tmp_path / "full")))
     expected = full.fit()
@@ -226,3 +237,46 @@ def test_two_process_gloo(tmp_path: Path) -> None:
         "metrics.jsonl",
         "recipe.yaml",
     ]
+
+
+def test_finetune_a_converted_checkpoint_with_a_float_recipe(tmp_path: Path) -> None:
+    """`finetune m.pt --recipe R`: the recipe's float source (name, weights, convert) is
+    dropped, its 1-epoch warmup is clamped for a 1-epoch run, the checkpoint is the parent."""
+    runner = CliRunner()
+    ckpt = tmp_path / "m.pt"
+    converted = runner.invoke(
+        app,
+        ["convert", "mcn_resnet_small", "--no-pretrained", "--num-classes", "4", "--in-chans",
+         "1", "--calibrate-data", "synthetic", "--calibrate-images", "32",
+         "--calibrate-steps", "2", "-o", str(ckpt), "-q"],
+    )  # fmt: skip
+    assert converted.exit_code == 0, converted.stderr
+    recipe = synthetic_recipe(tmp_path / "run")
+    recipe["model"]["weights"] = "runs/quickstart/float/last.pt"  # absent: must not matter
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    args = ["--recipe", str(path), "--set", "optim.epochs=1", "--set", "data.train_samples=32"]
+    result = runner.invoke(app, ["finetune", str(ckpt), *args])
+    assert result.exit_code == 0, result.stderr
+    assert "replaces the recipe's model source" in result.stderr
+    assert "not shorter than the run" in result.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert saved["model"]["checkpoint"] == str(ckpt) and saved["model"]["name"] is None
+    same = runner.invoke(
+        app, ["finetune", *args, "--set", f"model.checkpoint={ckpt}", "--set",
+              f"output.dir={tmp_path / 'run2'}", "-q"],
+    )  # fmt: skip
+    assert same.exit_code == 0, same.stderr
+    missing = runner.invoke(app, ["finetune", str(tmp_path / "nope.pt"), *args])
+    assert missing.exit_code == 1 and "no such file" in missing.stderr
+
+
+def test_missing_quickstart_float_model_says_to_run_the_quickstart(tmp_path: Path) -> None:
+    recipe = synthetic_recipe(tmp_path / "run")
+    recipe["model"]["weights"] = "runs/quickstart/float/last.pt"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["finetune", "--recipe", str(path)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and "mcn-compress quickstart" in lines[-1], lines

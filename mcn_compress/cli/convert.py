@@ -7,20 +7,26 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, err, out, print_json
 from mcn_compress.cli.render import layer_table, summary_table
 from mcn_compress.errors import ConfigError, OutputError
+from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.info import info_of
+from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS, DISTILL_COST
 
 
-def _check_writable(path: Path) -> None:
+def _check_writable(path: Path, weights: Path | None = None) -> None:
+    """Refuse an --out that cannot be written, or that is the --weights input, before any work."""
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OutputError(f"--out {path} is a directory; give a file name such as model.pt")
     if not parent.is_dir():
         raise OutputError(f"--out {path}: directory {parent} does not exist")
+    check_not_input(path, {"--weights": weights})
+    check_writable(path)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -73,13 +79,38 @@ def convert_command(
     num_classes: Annotated[int | None, typer.Option(help="Classifier outputs.")] = None,
     in_chans: Annotated[int | None, typer.Option(help="Input channels (timm models).")] = None,
     calibrate_data: Annotated[
-        Path | None,
-        typer.Option(help="Folder of images to re-estimate BatchNorm statistics on."),
+        str | None,
+        typer.Option(
+            metavar="DIR|DATASET",
+            help="Unlabeled images to calibrate on: a folder of images, or fashion_mnist, "
+            "synthetic, cifar10:ROOT, cifar100:ROOT (training split, labels ignored). "
+            "Recalibrates BatchNorm, then distills from the float model (--calibrate-steps).",
+        ),
     ] = None,
     calibrate_images: Annotated[
-        int, typer.Option(help="How many calibration images to use.", min=1)
-    ] = 256,
-    batch_size: Annotated[int, typer.Option(help="Calibration batch size.", min=1)] = 32,
+        int,
+        typer.Option(help="How many calibration images (all of DIR when it holds fewer).", min=1),
+    ] = DEFAULT_IMAGES,
+    calibrate_steps: Annotated[
+        int,
+        typer.Option(
+            help="Label-free distillation steps from the float model (KL at T=4, AdamW 4e-3) "
+            "after the BatchNorm recalibration; 0 = BatchNorm only. The default takes about "
+            f"{DISTILL_COST}.",
+            min=0,
+        ),
+    ] = DEFAULT_STEPS,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Calibration batch size [default: 128 for inputs up to 64x64, else 16].",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where to calibrate: auto (cuda when present), cpu or cuda.")
+    ] = "auto",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -95,6 +126,8 @@ def convert_command(
       mcn-compress convert tv:resnet18 --weights r18.pth --planes 2 --out r18-k2.pt
 
       mcn-compress convert resnet50 --no-pretrained --keep 'layer4' --json -o r50.pt
+
+      mcn-compress convert resnet18 --weights r18.pth --calibrate-data imgs/ -o m.pt
     """
     from mcn_compress.config import MCNConfig
     from mcn_compress.formats.checkpoint import save
@@ -111,9 +144,9 @@ def convert_command(
             exclude=tuple(keep or ()),
             grouped=grouped,
         )
-        _check_writable(out_path)
-        if calibrate_data is not None and not calibrate_data.is_dir():
-            raise ConfigError(f"--calibrate-data {calibrate_data} is not a directory")
+        _check_writable(out_path, weights)
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
         with err.status(f"Loading {model}", spinner="dots") if show else contextlib.nullcontext():
             float_model = load_float_model(
                 model,
@@ -124,27 +157,41 @@ def convert_command(
             ).eval()
         calibration = None
         if calibrate_data is not None:
-            from mcn_compress.data import calibration_loader
+            import torch
 
-            try:
-                calibration = calibration_loader(
-                    calibrate_data, float_model, calibrate_images, batch_size
-                )
-            except FileNotFoundError as exc:
-                raise ConfigError(str(exc)) from exc
+            from mcn_compress.calibration_data import calibration_data
+
+            if device == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("--device cuda: no CUDA device is visible; use auto or cpu")
+            float_model.to("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+            calibration = calibration_data(
+                calibrate_data, float_model, calibrate_images, batch_size
+            )
         with _progress(not show) as bar:
             task = bar.add_task("Converting", total=None, item="")
 
             def on_layer(name: str, index: int, total: int) -> None:
                 bar.update(task, completed=index, total=total, item=name)
 
-            mcn = convert(float_model, config, progress=on_layer)
-            if calibration is not None:
-                from mcn_compress.passes.calibrate import recalibrate_batchnorm
+            n = len(calibration.dataset) if calibration is not None else 0  # type: ignore[arg-type]
+            cal = bar.add_task("Calibrating BN", total=n, item="images", visible=False)
+            dist = bar.add_task("Distilling", total=calibrate_steps, item="", visible=False)
 
-                n = len(calibration.dataset)  # type: ignore[arg-type]
-                cal = bar.add_task("Calibrating BN", total=n, item="images")
-                recalibrate_batchnorm(mcn, calibration, progress=lambda k: bar.advance(cal, k))
+            def on_images(k: int) -> None:
+                bar.update(cal, advance=k, visible=True)
+
+            def on_step(step: int, kl: float) -> None:
+                bar.update(dist, completed=step, item=f"KL {kl:.4f}", visible=True)
+
+            mcn = convert(
+                float_model,
+                config,
+                progress=on_layer,
+                calibration=calibration,
+                calibration_progress=on_images,
+                calibration_steps=calibrate_steps if calibration is not None else 0,
+                distill_progress=on_step,
+            )
         save(mcn, out_path)
         summary = info_of(mcn).summary
         assert summary is not None
@@ -152,4 +199,4 @@ def convert_command(
         print_json({"model": model, "out": str(out_path), **summary.to_dict()})
     elif show:
         out.print(layer_table(summary))
-        out.print(summary_table(summary, title=f"{model} -> {out_path}"))
+        out.print(summary_table(summary, title=escape(f"{model} -> {out_path}")))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, err, out, print_json
+from mcn_compress.errors import ConfigError
 
 
 class RichCallbacks:
@@ -113,12 +115,28 @@ def history_table(history: list[object]) -> Table:
 
 def finetune_command(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A checkpoint from `mcn-compress convert` to fine-tune instead of the recipe's "
+            "model (same as --set model.checkpoint=PATH; the recipe's model.name, weights, "
+            "convert and pretrained are then ignored).",
+            show_default=False,
+        ),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a recipe key: --set optim.lr=0.01 (repeatable)."),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in output.dir from last.pt.")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a finished or stopped run in output.dir (refused without it).",
+        ),
     ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -133,6 +151,8 @@ def finetune_command(
 
       mcn-compress finetune --recipe recipes/fashion-mnist.yaml
 
+      mcn-compress finetune model.pt --recipe recipes/fashion-mnist.yaml --set optim.epochs=1
+
       mcn-compress finetune -r recipes/cifar10.yaml --set optim.epochs=2 --set data.root=/data
     """
     from mcn_compress.training.recipe import load_recipe
@@ -140,19 +160,28 @@ def finetune_command(
 
     show = not (quiet or json_output)
     with cli_errors():
-        spec = load_recipe(recipe, overrides or [])
+        overrides = list(overrides or [])
+        if checkpoint is not None:
+            if not checkpoint.is_file():
+                raise ConfigError(f"checkpoint {checkpoint}: no such file")
+            overrides.append(f"model.checkpoint={checkpoint}")
+        spec = load_recipe(recipe, overrides)
         progress = training_progress(show)
         with progress:
             trainer = Trainer(
-                spec, callbacks=RichCallbacks(progress, spec.data.batch_size), resume=resume
+                spec,
+                callbacks=RichCallbacks(progress, spec.data.batch_size),
+                resume=resume,
+                overwrite=overwrite,
             )
             try:
                 result = trainer.fit()
             finally:
                 trainer.close()
     if result.stopped:
+        last = escape(str(result.run_dir / "last.pt"))
         err.print(
-            f"[yellow]stopped:[/] a resumable checkpoint is in {result.run_dir / 'last.pt'}; "
+            f"[yellow]stopped:[/] a resumable checkpoint is in {last}; "
             "run the same command with --resume to continue",
             soft_wrap=True,
         )
@@ -169,4 +198,6 @@ def finetune_command(
         )
     elif show:
         out.print(history_table(result.history))
-        out.print(f"best top-1 {result.best_top1:.2f}  checkpoints in {result.run_dir}/")
+        out.print(
+            f"best top-1 {result.best_top1:.2f}  checkpoints in {result.run_dir}/", markup=False
+        )

@@ -1,20 +1,72 @@
-"""Atomic file writes: a temporary file beside the target, renamed onto it on success."""
+"""Atomic file writes: a temporary file beside the target, renamed onto it on success.
+
+Temporary files are named ``.<target>.<pid>.<random>.tmp``. A process killed while writing
+(SIGKILL, power loss) leaves its temporary file behind; the next write of the same target
+removes every such file whose process is gone. Output locations can be checked before any
+work starts (`check_writable`, `check_not_input`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mcn_compress.errors import OutputError
 
+_logger = logging.getLogger(__name__)
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}."
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove the temporary files of earlier writes of ``target`` whose process has died."""
+    prefix = _temp_prefix(target)
+    removed = []
+    for name in glob.glob(glob.escape(str(target.parent / prefix)) + "*.tmp"):
+        pid_text = Path(name).name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and _alive(int(pid_text)):
+            continue  # another live process is writing this target now
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+            removed.append(Path(name))
+    if removed:
+        _logger.info("removed %d stale temporary file(s) of %s", len(removed), target)
+    return removed
+
+
+def _directory(target: Path) -> Path:
+    directory = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise OutputError(f"cannot write {target}: it is a directory; give a file name")
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise OutputError(f"cannot write {target}: directory {directory} {what}")
+    return directory
 
 
 @contextlib.contextmanager
@@ -25,12 +77,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     file or whatever was there before, never half a file.
     """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise OutputError(f"cannot write {target}: directory {directory} does not exist")
-    if target.is_dir():
-        raise OutputError(f"cannot write {target}: it is a directory")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    directory = _directory(target)
+    remove_stale_temps(target)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=".tmp", dir=directory
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -41,10 +92,79 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+_WRITE_FAILURE = re.compile(
+    r"failed writing|write failed|iostream|inline_container|no space left", re.IGNORECASE
+)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it arose from) is torch's zip writer failing on the
+    file: a full disk shows as ``basic_ios::clear: iostream error``, then ``[enforce fail at
+    inline_container.cc] unexpected pos``, or ``... failed writing file ...``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) or _WRITE_FAILURE.search(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _write_failure_words(path: Path, exc: BaseException) -> str:
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"no space left on the device ({free:,} bytes free)"
+    return f"{str(exc).strip().splitlines()[0]} (is the disk full?)"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically."""
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; a failed write
+    (full disk, read-only folder) is one `OutputError` and leaves ``path`` as it was."""
     try:
         with atomic_path(path) as tmp:
             write(tmp)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except RuntimeError as exc:
+        if not _is_write_failure(exc):
+            raise
+        raise OutputError(f"cannot write {path}: {_write_failure_words(Path(path), exc)}") from exc
+
+
+def check_writable(path: str | Path) -> Path:
+    """Raise `OutputError` now if ``path`` cannot be written later: its folder must exist and
+    take a new file, and ``path`` must not be a directory. Nothing is left behind."""
+    target = Path(path)
+    directory = _directory(target)
+    try:
+        fd, probe = tempfile.mkstemp(
+            prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=".tmp", dir=directory
+        )
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    return target
+
+
+def check_not_input(output: str | Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an ``output`` that is one of the ``inputs`` (``{option: path}``): the write
+    would replace the file the work reads."""
+    out = Path(output)
+    for option, given in inputs.items():
+        if given is None:
+            continue
+        source = Path(given)
+        same = out.resolve() == source.resolve()
+        if not same and out.exists() and source.exists():
+            same = os.path.samefile(out, source)
+        if same:
+            raise OutputError(
+                f"{out} is also the input {option} {source}: writing it would replace the "
+                "input; choose another output name"
+            )

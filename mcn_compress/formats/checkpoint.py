@@ -1,9 +1,10 @@
-"""The self-describing checkpoint (docs/design.md section 4) and atomic file writes.
+"""The self-describing checkpoint (docs/design.md section 4).
 
 A checkpoint is a dict of plain containers and tensors, readable with
 ``torch.load(weights_only=True)``: format name and version, how to rebuild the float model,
-the MCN config, the converted layer names, the state dict and metadata. Modules and code are
-never pickled, and loading never unpickles code.
+the MCN config, the converted layer names, the state dict with its module versions, metadata,
+and (version 2) the SHA-256 of all of it (`formats.digest`), checked on every read so a
+damaged file is refused. Modules and code are never pickled, and loading never unpickles code.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch import nn
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import CheckpointError, ConfigError, ConversionError, ModelLoadError
 from mcn_compress.formats.atomic import atomic_write
+from mcn_compress.formats.digest import DIGEST_KEY, content_digest
+from mcn_compress.formats.state_dict import loadable_state_dict, plain_state_dict
 from mcn_compress.info import ModelSource, info_of, update_info
 from mcn_compress.models import build_model
 from mcn_compress.nn.mcconv import MCConv2d
@@ -29,7 +32,7 @@ from mcn_compress.version import __version__
 _logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "mcn-compress.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sha256 of the content, state-dict module versions
 
 
 def _library_versions() -> dict[str, str]:
@@ -63,6 +66,10 @@ def checkpoint_dict(
         )
     if not isinstance(config, MCNConfig):
         raise CheckpointError("cannot save: the model was not produced by mcn_compress.convert")
+    try:  # checked again here: the kwargs dict may have been changed since it was built
+        ModelSource.from_dict(source.to_dict())
+    except ModelLoadError as exc:
+        raise CheckpointError(f"cannot save: {exc}") from exc
     summary = info.summary
     metadata: dict[str, Any] = {
         "versions": _library_versions(),
@@ -78,11 +85,12 @@ def checkpoint_dict(
         "model": source.to_dict(),
         "mcn": config.to_dict(),
         "layers": converted_layer_names(model),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": metadata,
     }
+    data["state_dict"], data["state_dict_metadata"] = plain_state_dict(model)
     if extra:
         data.update(extra)
+    data[DIGEST_KEY] = content_digest(data)
     return data
 
 
@@ -104,15 +112,17 @@ def save(
     return Path(path)
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint dict without building the model."""
+def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure as one `CheckpointError`:
+    missing, a directory, truncated or corrupt, or holding pickled objects other than tensors
+    and plain containers (refused; their code never runs)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "unsupported global" not in str(exc).lower():
             raise CheckpointError(f"{path} is truncated or corrupt (not a torch file)") from exc
@@ -120,8 +130,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{path} was refused: it holds pickled objects other than tensors and plain "
             "containers, which mcn-compress never loads"
         ) from exc
-    except Exception as exc:
+    except Exception as exc:  # torch's unpickler raises anything on damaged bytes
         raise CheckpointError(f"{path} is truncated or corrupt ({type(exc).__name__})") from exc
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint dict without building the model."""
+    path = Path(path)
+    data = load_plain(path, map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise CheckpointError(
             f"{path} is not an mcn-compress checkpoint (for float weights use --weights)"
@@ -135,7 +151,20 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key, kind in (("model", dict), ("mcn", dict), ("layers", list), ("state_dict", dict)):
         if not isinstance(data.get(key), kind):
             raise CheckpointError(f"{path} is corrupt: field {key!r} is missing or malformed")
+    check_digest(data, path)
     return data
+
+
+def check_digest(data: dict[str, Any], path: str | Path) -> None:
+    """Refuse ``data`` read from ``path`` when its stored SHA-256 does not match its content
+    (format version 2 and later; version 1 files carry none)."""
+    if data.get("version", 1) < 2:
+        return
+    if data.get(DIGEST_KEY) != content_digest(data):
+        raise CheckpointError(
+            f"{path} is damaged: its content does not match the checksum stored in it (copy "
+            "the file again, or use another checkpoint)"
+        )
 
 
 def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> nn.Module:
@@ -150,7 +179,9 @@ def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> n
     except (ModelLoadError, ConfigError, ConversionError) as exc:
         raise CheckpointError(f"{origin}: cannot rebuild the model: {exc}") from exc
     try:
-        model.load_state_dict(data["state_dict"])
+        model.load_state_dict(
+            loadable_state_dict(data["state_dict"], data.get("state_dict_metadata"))
+        )
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise CheckpointError(f"{origin}: state dict does not fit the model: {first}") from exc

@@ -6,18 +6,22 @@ with ``float16=True``; integer buffers always keep their dtype. The latent filte
 stored: loading sets each latent ``weight`` to the ±1 signs, so ``sign(C) = B`` and every
 reconstructed filter Q, hence every eval-mode output, is bit-identical to the source model's.
 
-Layout (format ``mcn-compress.packed``, version 1): a safetensors file (no pickle) holding one
+Layout (format ``mcn-compress.packed``, version 2): a safetensors file (no pickle) holding one
 flat tensor ("blob") per stored dtype plus ``signs`` (uint8), and these strings in its JSON
 header (``__metadata__``):
 
-- ``format``: ``mcn-compress.packed``; ``version``: ``1`` (readers refuse newer versions).
+- ``format``: ``mcn-compress.packed``; ``version``: ``2`` (readers refuse newer versions).
 - ``description``: JSON with how to rebuild the model (``model``: `ModelSource`, ``mcn``:
-  `MCNConfig`), ``float16`` and the checkpoint ``metadata`` (versions, parent, metrics).
+  `MCNConfig`), ``float16``, the checkpoint ``metadata`` (versions, parent, metrics) and the
+  state dict's module versions (``state_dict_metadata``).
 - ``index``: base64 of zlib-compressed JSON ``[[key, blob, shape], ...]`` in state-dict order;
   each entry occupies the next ``prod(shape)`` elements of its blob, or for ``signs`` the next
   ``ceil(prod(shape) / 8)`` bytes. Sign entries are the ``.weight`` keys of the converted
   layers, with the latent shape ``(out // K, in // groups, kh, kw)``.
-- ``sha256``: digest of the blobs (name, then raw bytes, blobs in sorted name order).
+- ``sha256``: digest of the blobs (name, then raw bytes, blobs in sorted name order), then of
+  the ``format``, ``version``, ``description`` and ``index`` strings (name, then value), so
+  an edited header is refused like damaged data. Version 1 files (digest of the blobs only)
+  still load.
 
 Sign bit order (`pack_signs`): the latent tensor is flattened in row-major (C) order; element
 ``i`` goes to byte ``i // 8``, bit ``i % 8`` counted from the least significant bit (numpy's
@@ -52,7 +56,8 @@ from mcn_compress.info import info_of, update_info
 _logger = logging.getLogger(__name__)
 
 PACKED_FORMAT = "mcn-compress.packed"
-PACKED_VERSION = 1
+PACKED_VERSION = 2  # 2: the digest covers the header strings too
+HEADER_FIELDS = ("format", "version", "description", "index")
 PACKED_SUFFIX = ".mcn"
 SIGNS = "signs"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -94,11 +99,15 @@ def _blob_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _digest(blobs: dict[str, torch.Tensor]) -> str:
+def _digest(blobs: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> str:
+    """SHA-256 of the blobs and, from version 2, of the header strings (`HEADER_FIELDS`)."""
     h = hashlib.sha256()
     for name in sorted(blobs):
         h.update(name.encode())
         h.update(blobs[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name in HEADER_FIELDS if header is not None else ():
+        h.update(name.encode())
+        h.update(str(header.get(name, "")).encode())
     return h.hexdigest()
 
 
@@ -136,14 +145,20 @@ def pack_model(model: nn.Module, float16: bool = False, *, parent: str | None = 
     blobs = {name: torch.cat(tensors) for name, tensors in parts.items()}
     meta = dict(data["metadata"])
     meta.pop("conversion", None)  # per-layer init errors: not needed to rebuild, and large
-    description = {"model": data["model"], "mcn": data["mcn"], "float16": float16, "metadata": meta}
+    description = {
+        "model": data["model"],
+        "mcn": data["mcn"],
+        "float16": float16,
+        "metadata": meta,
+        "state_dict_metadata": data["state_dict_metadata"],
+    }
     header = {
         "format": PACKED_FORMAT,
         "version": str(PACKED_VERSION),
         "description": json.dumps(description, separators=(",", ":"), default=str),
         "index": _encode_index(index),
-        "sha256": _digest(blobs),
     }
+    header["sha256"] = _digest(blobs, header)
     return st_save(blobs, metadata=header)
 
 
@@ -240,8 +255,11 @@ def read_packed(path: str | Path) -> dict[str, Any]:
         blobs = st_load(raw)
     except SafetensorError as exc:
         raise CheckpointError(f"{path} is corrupt ({exc})") from exc
-    if meta.get("sha256") != _digest(blobs):
-        raise CheckpointError(f"{path} is corrupt (checksum mismatch)")
+    if meta.get("sha256") != _digest(blobs, meta if int(meta["version"]) >= 2 else None):
+        raise CheckpointError(
+            f"{path} is damaged: its content does not match the checksum stored in it "
+            "(checksum mismatch)"
+        )
     try:
         description = json.loads(meta["description"])
         index = _decode_index(meta["index"])
@@ -253,6 +271,7 @@ def read_packed(path: str | Path) -> dict[str, Any]:
             "state_dict": state_dict,
             "metadata": dict(description.get("metadata") or {}),
             "float16": bool(description.get("float16", False)),
+            "state_dict_metadata": dict(description.get("state_dict_metadata") or {}),
         }
     except (AttributeError, KeyError, TypeError, ValueError, zlib.error, binascii.Error) as exc:
         raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from exc

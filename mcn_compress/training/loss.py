@@ -25,7 +25,7 @@ a one-hot matrix product (no atomics), hence bit-identical on identical inputs a
 from __future__ import annotations
 
 import logging
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,9 @@ from torch.utils.hooks import RemovableHandle
 from mcn_compress.errors import ConfigError
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.policy import find_classifier
+
+if TYPE_CHECKING:
+    from mcn_compress.training.recipe import LossRecipe
 
 _logger = logging.getLogger(__name__)
 
@@ -183,6 +186,17 @@ class MCNLoss(nn.Module):
         )
 
     # --- hook ----------------------------------------------------------------------------
+    @classmethod
+    def from_recipe(cls, model: nn.Module, num_classes: int, loss: LossRecipe) -> MCNLoss:
+        """The loss with the weights of a recipe's ``loss`` section (Eq. 3.18)."""
+        return cls(
+            model,
+            num_classes,
+            theta=loss.theta,
+            lambda_center=loss.lambda_center,
+            alpha=loss.alpha,
+        )
+
     def _capture(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self._features = inputs[0]
 

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import math
-import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,21 +16,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcn_compress.errors import CheckpointError, MCNError, first_line
+from mcn_compress.errors import (
+    CheckpointError,
+    MCNError,
+    OutputError,
+    RunFolderError,
+    first_line,
+)
 from mcn_compress.formats.atomic import atomic_write
-from mcn_compress.formats.checkpoint import checkpoint_dict, read_checkpoint
+from mcn_compress.formats.checkpoint import (
+    check_digest,
+    checkpoint_dict,
+    load_plain,
+    read_checkpoint,
+)
+from mcn_compress.formats.digest import DIGEST_KEY, content_digest
+from mcn_compress.formats.state_dict import loadable_state_dict, plain_state_dict
 from mcn_compress.info import ModelSource, info_of, update_info
 from mcn_compress.models import build_model
+from mcn_compress.training.lock import RunLock, lock_holder
 
 _logger = logging.getLogger(__name__)
-RUN_CHECKPOINTS = ("best.pt", "last.pt")
 
-
+LAST = "last.pt"
+BEST = "best.pt"
+RUN_CHECKPOINTS = (BEST, LAST)
 RUN_METRICS = "metrics.jsonl"
 RUN_METRICS_CSV = "metrics.csv"
 
 
 RUN_RECIPE = "recipe.yaml"
+FLOAT_FORMAT = "mcn-compress.float-run"
+FLOAT_VERSION = 2  # 2: sha256 of the content, state-dict module versions
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,13 @@ def read_run(path: str | Path) -> RunDir:
     path = Path(path)
     checkpoint = next((path / n for n in RUN_CHECKPOINTS if (path / n).is_file()), None)
     if checkpoint is None:
+        holder = lock_holder(path)
+        if holder is not None or (path / RUN_RECIPE).is_file():
+            state = f"in progress ({holder})" if holder else "stopped before its first checkpoint"
+            raise CheckpointError(
+                f"{path} is a fine-tuning run {state}: it has no {BEST} or {LAST} yet; report "
+                "it once its first epoch has finished"
+            )
         raise CheckpointError(
             f"{path} is a directory but not a fine-tuning run: expected "
             f"{' or '.join(RUN_CHECKPOINTS)} (with {RUN_METRICS}) as written by mcn-compress "
@@ -122,22 +145,29 @@ def _recipe_seed(path: Path) -> int | None:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
-def _load_float_run(path: Path) -> nn.Module | None:
-    """The float model of a float fine-tuning run's checkpoint, None if ``path`` is not one."""
-    from mcn_compress.training.run_dir import FLOAT_FORMAT
-
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError):
-        return None
+def read_float_run(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The dict of a float run's checkpoint (`FLOAT_FORMAT`), checksum checked; None when
+    ``path`` is a torch file of another format. Damaged or unsafe files raise `CheckpointError`."""
+    data = load_plain(path, map_location)
     if not isinstance(data, dict) or data.get("format") != FLOAT_FORMAT:
         return None
     if not isinstance(data.get("model"), dict) or not isinstance(data.get("state_dict"), dict):
         raise CheckpointError(f"{path} is corrupt: its model description or weights are missing")
+    check_digest(data, path)
+    return data
+
+
+def _load_float_run(path: Path) -> nn.Module | None:
+    """The float model of a float fine-tuning run's checkpoint, None if ``path`` is not one."""
+    data = read_float_run(path)
+    if data is None:
+        return None
     try:
         source = ModelSource.from_dict(data["model"])
         model = build_model(source, pretrained=False)
-        model.load_state_dict(data["state_dict"])
+        model.load_state_dict(
+            loadable_state_dict(data["state_dict"], data.get("state_dict_metadata"))
+        )
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is corrupt: bad model description ({exc})") from exc
     except MCNError as exc:
@@ -161,15 +191,6 @@ def load_run_model(run: RunDir) -> nn.Module:
         if model is None:
             raise
         return model
-
-
-LAST = "last.pt"
-
-
-BEST = "best.pt"
-
-
-FLOAT_FORMAT = "mcn-compress.float-run"
 
 
 def run_finished(run_dir: Path, epochs: int) -> bool:
@@ -237,26 +258,109 @@ def run_checkpoint(
     info = info_of(model)
     if info.config is not None:
         return checkpoint_dict(model, parent=parent, metrics=metrics, extra=extra)
-    return {
+    state, module_versions = plain_state_dict(model)
+    data = {
         "format": FLOAT_FORMAT,
-        "version": 1,
+        "version": FLOAT_VERSION,
         "model": info.source.to_dict() if info.source is not None else None,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
+        "state_dict_metadata": module_versions,
         "metadata": {"metrics": dict(metrics or {})},
         **extra,
     }
+    data[DIGEST_KEY] = content_digest(data)
+    return data
 
 
 def read_resume_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint a run resumes from (MCN or float run); it must hold a ``train_state``."""
+    """The checkpoint a run resumes from (MCN or float run); it must hold a ``train_state``.
+    Every problem (missing, truncated, unsafe, damaged, no state) is one `CheckpointError`."""
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} does not exist")
     try:
-        data = read_checkpoint(path, map_location="cpu")
-    except CheckpointError:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, dict) or data.get("format") != FLOAT_FORMAT:
-            raise
+        data = read_float_run(path)
+        if data is None:
+            data = read_checkpoint(path, map_location="cpu")
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: {exc}") from exc
     if not isinstance(data.get("train_state"), dict):
         raise CheckpointError(f"cannot resume from {path}: it holds no training state")
     return data
+
+
+RUN_FILES = (BEST, LAST, RUN_METRICS, RUN_METRICS_CSV, RUN_RECIPE)
+"""The files a run writes: a folder holding any of them holds a run."""
+
+RESUMABLE_CHANGES = ("optim.epochs", "data.workers", "runtime.device", "output.dir")
+"""Recipe keys that may differ when a run is resumed (more epochs, another machine)."""
+
+
+def claim_run_dir(
+    run_dir: Path, *, resume: bool, overwrite: bool, start: str | Path | None = None
+) -> RunLock:
+    """Make ``run_dir`` this run's own before any work: create it, lock it (`RunLock`), and
+    refuse to start a new run where one already is (unless ``overwrite``, which removes the
+    old run's files) or to write over ``start``, the checkpoint the run starts from.
+
+    Raises `OutputError` (a file in the way, not creatable or writable) or `RunFolderError`.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"output.dir {run_dir} is a file; choose a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output.dir {run_dir}: {exc.strerror or exc}") from exc
+    if start is not None and Path(start).resolve().parent == run_dir.resolve() and not resume:
+        raise RunFolderError(
+            f"the run starts from {start}, inside its own output.dir {run_dir}: the new run "
+            "would write over it; choose another output.dir"
+        )
+    lock = RunLock(run_dir).acquire()
+    try:
+        existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+        if existing and not resume:
+            if not overwrite:
+                raise RunFolderError(
+                    f"{run_dir} already holds a run ({', '.join(existing)}): resume it with "
+                    "--resume, replace it with --overwrite, or choose another output.dir"
+                )
+            for name in existing:
+                (run_dir / name).unlink()
+            _logger.warning("--overwrite: removed %s from %s", ", ".join(existing), run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def recipe_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``"key: old -> new"`` for every recipe value that differs between ``saved`` and
+    ``current`` (nested sections flattened), except `RESUMABLE_CHANGES`."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        path = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += recipe_changes(old, new, f"{path}.")
+        elif old != new and path not in RESUMABLE_CHANGES:
+            changes.append(f"{path}: {old!r} -> {new!r}")
+    return changes
+
+
+def load_model_state(model: nn.Module, data: dict[str, Any], path: Path) -> None:
+    """Load the weights of checkpoint dict ``data`` (read from ``path``) into ``model``; a
+    mismatch is one `CheckpointError` naming the file."""
+    try:
+        model.load_state_dict(
+            loadable_state_dict(data["state_dict"], data.get("state_dict_metadata"))
+        )
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise CheckpointError(f"{path} does not fit the model: {detail}") from exc
+
+
+def last_good(run_dir: Path) -> str:
+    """Where a stopped run can be resumed from, in words."""
+    if (run_dir / LAST).is_file():
+        return f"the last good checkpoint is {run_dir / LAST}"
+    return f"no checkpoint was written yet to {run_dir} (it stopped in its first epoch)"

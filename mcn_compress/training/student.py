@@ -10,10 +10,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mcn_compress.data import (
+    build_datasets,
+    check_label_count,
+    default_num_classes,
+    model_num_classes,
+)
 from mcn_compress.errors import CheckpointError, ConfigError
 from mcn_compress.info import info_of
 from mcn_compress.passes.calibrate import recalibrate_batchnorm
-from mcn_compress.training.recipe import Recipe
+from mcn_compress.training.recipe import QUICKSTART_HINT, Recipe
 
 _logger = logging.getLogger(__name__)
 
@@ -30,6 +36,17 @@ def build_student(recipe: Recipe, num_classes: int | None) -> nn.Module:
     if spec.checkpoint is not None:
         return load(spec.checkpoint)
     assert spec.name is not None and spec.convert is not None
+    if spec.weights is not None and not Path(spec.weights).is_file():
+        hint = (
+            ": it is the float model `mcn-compress quickstart` trains; run `mcn-compress "
+            "quickstart` first (or set model.weights)"
+            if QUICKSTART_HINT in Path(spec.weights).as_posix()
+            else ""
+        )
+        raise ConfigError(
+            f"model.weights {spec.weights}: no such file (looked in the current folder and the "
+            f"recipe's folder){hint}"
+        )
     float_model = load_float_model(
         spec.name,
         pretrained=spec.pretrained,
@@ -85,3 +102,27 @@ def recalibrate_on(
     torch.set_rng_state(gen_state)
     _logger.info("recalibrated BatchNorm on %d training images after conversion", seen)
     return seen
+
+
+def prepare_student(
+    recipe: Recipe, model: nn.Module | None, device: torch.device, *, recalibrate: bool
+) -> tuple[nn.Module, int, Dataset[Any], Dataset[Any]]:
+    """The student on ``device`` with its class count and training / validation sets.
+
+    ``model`` (given by the caller) or the recipe's (`build_student`); a float model the recipe
+    converts on the fly gets its BatchNorm recalibrated (`recalibrate_on`) unless
+    ``recalibrate`` is False (a resumed run). Labels beyond the model's outputs are refused.
+    """
+    num_classes = recipe.model.num_classes or default_num_classes(recipe.data)
+    student = model if model is not None else build_student(recipe, num_classes)
+    classes = model_num_classes(student) or num_classes
+    if classes is None:
+        raise ConfigError("cannot tell the number of classes: set model.num_classes")
+    train_set, val_set = build_datasets(recipe.data, student, seed=recipe.runtime.seed)
+    check_label_count(train_set, classes)
+    student.to(device)
+    if model is None and recipe.model.name is not None and recalibrate:
+        recalibrate_on(student, train_set, recipe.data.batch_size, device)
+    if recipe.runtime.channels_last:
+        student.to(memory_format=torch.channels_last)
+    return student, classes, train_set, val_set

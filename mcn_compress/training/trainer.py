@@ -34,12 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mcn_compress.data import (
-    build_datasets,
-    check_label_count,
-    default_num_classes,
-    model_num_classes,
-)
 from mcn_compress.errors import ConfigError, TrainingDiverged
 from mcn_compress.evaluate import topk_correct
 from mcn_compress.formats.atomic import atomic_write
@@ -63,13 +57,23 @@ from mcn_compress.training.run_dir import (
     RUN_RECIPE,
     TRAIN_LOSS_KEYS,
     EpochMetrics,
+    claim_run_dir,
+    last_good,
+    load_model_state,
     read_resume_checkpoint,
+    recipe_changes,
     run_checkpoint,
     write_metrics,
 )
-from mcn_compress.training.student import build_student, build_teacher, recalibrate_on
+from mcn_compress.training.student import (
+    build_teacher,
+    prepare_student,
+)
 
 _logger = logging.getLogger(__name__)
+
+
+DIVERGED_HINT = "lower optim.lr or loss.theta, or turn runtime.amp off"
 
 
 class TrainCallbacks(Protocol):
@@ -173,6 +177,8 @@ class Trainer:
         resume: continue from ``output.dir/last.pt`` (True) or from the given checkpoint.
         model: use this model instead of building one from ``recipe.model`` (float models
             train with the plain cross-entropy since they have no MCConv2d).
+        overwrite: replace a run already in ``output.dir`` (without it that is refused).
+    The run folder is locked for the trainer's life (`training.lock`); call `close` at the end.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class Trainer:
         callbacks: TrainCallbacks | None = None,
         resume: bool | str | Path = False,
         model: nn.Module | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.recipe = recipe
         self.callbacks = callbacks
@@ -191,46 +198,39 @@ class Trainer:
         if runtime.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("runtime.amp fp16 needs CUDA; use bf16 or off on the CPU")
         self.run_dir = Path(recipe.output.dir)
+        self._lock = None
+        if self.dist.is_main:
+            start = recipe.model.checkpoint
+            self._lock = claim_run_dir(
+                self.run_dir, resume=bool(resume), overwrite=overwrite, start=start
+            )
+        try:
+            self._set_up(model, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, model: nn.Module | None, resume: bool | str | Path) -> None:
+        recipe, runtime = self.recipe, self.recipe.runtime
         torch.manual_seed(runtime.seed)
-        num_classes = recipe.model.num_classes or default_num_classes(recipe.data)
-        self.model = model if model is not None else build_student(recipe, num_classes)
-        self.num_classes = model_num_classes(self.model) or num_classes
-        if self.num_classes is None:
-            raise ConfigError("cannot tell the number of classes: set model.num_classes")
-        self.train_set, self.val_set = build_datasets(recipe.data, self.model, seed=runtime.seed)
-        check_label_count(self.train_set, self.num_classes)
-        self.model.to(self.device)
-        if model is None and recipe.model.name is not None and not resume:
-            recalibrate_on(self.model, self.train_set, recipe.data.batch_size, self.device)
-        if runtime.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        student = prepare_student(recipe, model, self.device, recalibrate=not resume)
+        self.model, self.num_classes, self.train_set, self.val_set = student
         loss = recipe.loss
-        self.criterion = MCNLoss(
-            self.model,
-            self.num_classes,
-            theta=loss.theta,
-            lambda_center=loss.lambda_center,
-            alpha=loss.alpha,
-        ).to(self.device)
+        self.criterion = MCNLoss.from_recipe(self.model, self.num_classes, loss).to(self.device)
         self.teacher = build_teacher(recipe, self.model).to(self.device) if loss.distill else None
         self.optimizer = build_optimizer(self.model, recipe)
         self.scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp == "fp16")
-        loader_options = {
-            "seed": runtime.seed,
-            "dist": self.dist,
-            "pin": self.device.type == "cuda",
-        }
+        options = {"seed": runtime.seed, "dist": self.dist, "pin": self.device.type == "cuda"}
         self.train_loader, self.train_sampler = build_loader(
-            self.train_set, recipe.data, train=True, **loader_options
+            self.train_set, recipe.data, train=True, **options
         )
-        self.val_loader, _ = build_loader(self.val_set, recipe.data, train=False, **loader_options)
+        self.val_loader, _ = build_loader(self.val_set, recipe.data, train=False, **options)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * recipe.optim.epochs
         self.warmup_steps = self.steps_per_epoch * recipe.optim.warmup_epochs
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.ddp = wrap_ddp(self.model, self.dist, self.device)
-        self.epoch = 0
-        self.step_in_epoch = 0
+        self.epoch = self.step_in_epoch = 0
         self.acc = _Accumulator()
         self.history: list[EpochMetrics] = []
         self.best_top1 = -1.0
@@ -265,11 +265,9 @@ class Trainer:
         terms = {"loss": total, **parts._asdict(), "distill": distill}
         values = {name: float(terms[name].detach()) for name in TRAIN_LOSS_KEYS}
         if not math.isfinite(values["loss"]):
-            raise TrainingDiverged(
-                f"loss became {values['loss']} at epoch {self.epoch + 1}, step "
-                f"{self.step_in_epoch + 1}; the last good checkpoint is {self.run_dir / LAST}: "
-                "lower optim.lr or loss.theta, or turn runtime.amp off"
-            )
+            where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+            where += f"; {last_good(self.run_dir)}"
+            raise TrainingDiverged(f"loss became {values['loss']} at {where}: {DIVERGED_HINT}")
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -327,7 +325,14 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         data = read_resume_checkpoint(path)
         state = data["train_state"]
-        self.model.load_state_dict(data["state_dict"])
+        changes = recipe_changes(state.get("recipe") or {}, recipe_to_dict(self.recipe))
+        if state.get("recipe") and changes:
+            raise ConfigError(
+                f"cannot resume {path}: the recipe differs from the run's ({'; '.join(changes)}); "
+                f"resume with the run's settings ({self.run_dir / RUN_RECIPE}) or start anew "
+                "with --overwrite"
+            )
+        load_model_state(self.model, data, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.criterion.load_state_dict(state["criterion"])
@@ -405,8 +410,11 @@ class Trainer:
         return False
 
     def close(self) -> None:
-        """Leave the process group (call once at the end of a distributed run)."""
-        self.criterion.remove_hook()
+        """Release the run folder and leave the process group (call once at the end)."""
+        if self._lock is not None:
+            self._lock.release()
+        if hasattr(self, "criterion"):
+            self.criterion.remove_hook()
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()  # no rank tears the group down while another still talks to it
             dist.destroy_process_group()
