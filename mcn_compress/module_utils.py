@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,3 +71,25 @@ def conv_bits(model: torch.nn.Module) -> int:
         elif isinstance(module, torch.nn.Conv2d):
             bits += 32 * module.weight.numel()
     return bits
+
+
+def input_sizes(
+    model: nn.Module, example: torch.Tensor, names: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """Input height and width of the named modules of ``model`` on ``example`` (one no-grad
+    forward with pre-hooks; a module called twice keeps its first size)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    handles = []
+    for name in names:
+
+        def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            sizes.setdefault(name, (int(args[0].shape[-2]), int(args[0].shape[-1])))
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes

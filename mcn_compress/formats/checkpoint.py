@@ -178,6 +178,14 @@ def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> n
         model = convert(float_model, config, layers=list(data["layers"]), initialize=False)
     except (ModelLoadError, ConfigError, ConversionError) as exc:
         raise CheckpointError(f"{origin}: cannot rebuild the model: {exc}") from exc
+    load_model_state(model, data, origin)
+    update_info(model, source=source, metadata=dict(data.get("metadata") or {}))
+    return model.eval()
+
+
+def load_model_state(model: nn.Module, data: dict[str, Any], origin: str | Path) -> None:
+    """Load the weights (and module versions) of checkpoint dict ``data`` into ``model``; a
+    mismatch is one `CheckpointError` naming ``origin``."""
     try:
         model.load_state_dict(
             loadable_state_dict(data["state_dict"], data.get("state_dict_metadata"))
@@ -185,5 +193,3 @@ def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> n
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise CheckpointError(f"{origin}: state dict does not fit the model: {first}") from exc
-    update_info(model, source=source, metadata=dict(data.get("metadata") or {}))
-    return model.eval()

@@ -54,7 +54,7 @@ from mcn_compress.formats.onnx_factored import factor_graph
 from mcn_compress.formats.onnx_packing import PackedLayer, inline_initializer_aliases, pack_graph
 from mcn_compress.formats.onnx_torch import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, torch_export
 from mcn_compress.formats.packed import pack_signs
-from mcn_compress.module_utils import resolve_input_shape, set_submodule
+from mcn_compress.module_utils import input_sizes, resolve_input_shape, set_submodule
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.fold_bn import fold_batchnorms
 
@@ -187,7 +187,7 @@ def onnx_model(
     if weights == "packed":
         dense_layers = prepared.layers
         if compute != "dense":
-            sizes = _input_sizes(prepared.model, example, [layer.name for layer in dense_layers])
+            sizes = input_sizes(prepared.model, example, [layer.name for layer in dense_layers])
             dense_layers, choices = factor_graph(proto, dense_layers, compute, opset, sizes)
             factored = [c.name for c in choices if c.mode != "dense"]
         packed = pack_graph(proto, dense_layers, opset) + factored
@@ -225,27 +225,6 @@ def onnx_model(
         factored_layers=tuple(factored),
     )
     return proto, result
-
-
-def _input_sizes(
-    model: nn.Module, example: torch.Tensor, names: list[str]
-) -> dict[str, tuple[int, int]]:
-    """Input height and width of the named modules on ``example`` (forward pre-hooks)."""
-    sizes: dict[str, tuple[int, int]] = {}
-    handles = []
-    for name in names:
-
-        def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            sizes.setdefault(name, (int(args[0].shape[-2]), int(args[0].shape[-1])))
-
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sizes
 
 
 def _planes(model: nn.Module) -> str:

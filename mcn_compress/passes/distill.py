@@ -63,7 +63,9 @@ class DistillResult:
 def kl_to_teacher(
     logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(logits / T))``, averaged over the batch."""
+    """``T^2 * KL(softmax(teacher / T) || softmax(logits / T))``, averaged over the batch
+    (Hinton et al. 2015; the T^2 keeps gradients comparable across temperatures). Used here
+    and by the fine-tuning distillation term (docs/design.md section 3)."""
     kl = F.kl_div(
         F.log_softmax(logits.float() / temperature, dim=1),
         F.log_softmax(teacher_logits.float() / temperature, dim=1),

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcn_compress.errors import ConfigError
-from mcn_compress.module_utils import resolve_input_shape, set_submodule
+from mcn_compress.module_utils import input_sizes, resolve_input_shape, set_submodule
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.nn.sign import hard_sign
 from mcn_compress.passes.fold_bn import conv_batchnorm_pairs, folding_factors
@@ -346,26 +346,6 @@ class FactoredSummary:
         }
 
 
-def _input_sizes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Spatial input size of every MCConv2d on ``example`` (forward pre-hooks, one pass)."""
-    sizes: dict[str, tuple[int, int]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, MCConv2d):
-
-            def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                sizes.setdefault(name, (int(args[0].shape[-2]), int(args[0].shape[-1])))
-
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sizes
-
-
 def _time_ms(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
     with torch.no_grad():
         module(x)
@@ -413,7 +393,8 @@ def optimize_for_inference(
     param = next(work.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0)).to(device)
-    sizes = _input_sizes(work, example)
+    layer_names = [n for n, m in work.named_modules() if isinstance(m, MCConv2d)]
+    sizes = input_sizes(work, example, layer_names)
     pairs = conv_batchnorm_pairs(work, MCConv2d)
     modules = dict(work.named_modules())
     rows = []

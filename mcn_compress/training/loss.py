@@ -306,17 +306,3 @@ class MCNLoss(nn.Module):
             f"theta={self.theta}, lambda_center={self.lambda_center}, alpha={self.alpha}, "
             f"layers={len(self._layers)}"
         )
-
-
-def distillation_loss(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch
-    (Hinton et al. 2015; the T^2 keeps gradients comparable across temperatures)."""
-    kl = F.kl_div(
-        F.log_softmax(logits.float() / temperature, dim=1),
-        F.log_softmax(teacher_logits.float() / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return kl * temperature**2

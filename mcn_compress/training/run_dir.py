@@ -347,18 +347,6 @@ def recipe_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str =
     return changes
 
 
-def load_model_state(model: nn.Module, data: dict[str, Any], path: Path) -> None:
-    """Load the weights of checkpoint dict ``data`` (read from ``path``) into ``model``; a
-    mismatch is one `CheckpointError` naming the file."""
-    try:
-        model.load_state_dict(
-            loadable_state_dict(data["state_dict"], data.get("state_dict_metadata"))
-        )
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        raise CheckpointError(f"{path} does not fit the model: {detail}") from exc
-
-
 def last_good(run_dir: Path) -> str:
     """Where a stopped run can be resumed from, in words."""
     if (run_dir / LAST).is_file():

@@ -37,6 +37,8 @@ from torch import nn
 from mcn_compress.errors import ConfigError, TrainingDiverged
 from mcn_compress.evaluate import topk_correct
 from mcn_compress.formats.atomic import atomic_write
+from mcn_compress.formats.checkpoint import load_model_state
+from mcn_compress.passes.distill import kl_to_teacher
 from mcn_compress.training.distributed import (
     any_rank,
     autocast,
@@ -48,7 +50,7 @@ from mcn_compress.training.distributed import (
     wrap_ddp,
 )
 from mcn_compress.training.loaders import build_loader
-from mcn_compress.training.loss import MCNLoss, distillation_loss
+from mcn_compress.training.loss import MCNLoss
 from mcn_compress.training.optim import build_optimizer, lr_factor
 from mcn_compress.training.recipe import Recipe, dump_recipe, recipe_to_dict
 from mcn_compress.training.run_dir import (
@@ -59,16 +61,12 @@ from mcn_compress.training.run_dir import (
     EpochMetrics,
     claim_run_dir,
     last_good,
-    load_model_state,
     read_resume_checkpoint,
     recipe_changes,
     run_checkpoint,
     write_metrics,
 )
-from mcn_compress.training.student import (
-    build_teacher,
-    prepare_student,
-)
+from mcn_compress.training.student import build_teacher, prepare_student
 
 _logger = logging.getLogger(__name__)
 
@@ -260,7 +258,7 @@ class Trainer:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
             loss = self.recipe.loss
-            distill = loss.distill * distillation_loss(logits, teacher_logits, loss.temperature)
+            distill = loss.distill * kl_to_teacher(logits, teacher_logits, loss.temperature)
         total = parts.total + distill
         terms = {"loss": total, **parts._asdict(), "distill": distill}
         values = {name: float(terms[name].detach()) for name in TRAIN_LOSS_KEYS}
