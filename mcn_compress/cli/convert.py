@@ -15,7 +15,14 @@ from mcn_compress.cli.render import layer_table, summary_table
 from mcn_compress.errors import ConfigError, OutputError
 from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.info import info_of
-from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS, DISTILL_COST
+from mcn_compress.module_utils import resolve_input_shape
+from mcn_compress.passes.distill import (
+    DEFAULT_IMAGES,
+    DEFAULT_STEPS,
+    DISTILL_COST,
+    LARGE_INPUT_STEPS,
+    default_steps,
+)
 
 
 def _check_writable(path: Path, weights: Path | None = None) -> None:
@@ -92,14 +99,16 @@ def convert_command(
         typer.Option(help="How many calibration images (all of DIR when it holds fewer).", min=1),
     ] = DEFAULT_IMAGES,
     calibrate_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
             help="Label-free distillation steps from the float model (KL at T=4, AdamW 4e-3) "
-            "after the BatchNorm recalibration; 0 = BatchNorm only. The default takes about "
+            f"after the BatchNorm recalibration; 0 = BatchNorm only [default: {DEFAULT_STEPS} "
+            f"for inputs up to 64x64, else {LARGE_INPUT_STEPS}]. The default takes about "
             f"{DISTILL_COST}.",
             min=0,
+            show_default=False,
         ),
-    ] = DEFAULT_STEPS,
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -167,6 +176,9 @@ def convert_command(
             calibration = calibration_data(
                 calibrate_data, float_model, calibrate_images, batch_size
             )
+            if calibrate_steps is None:
+                calibrate_steps = default_steps(resolve_input_shape(float_model)[1:])
+        calibrate_steps = calibrate_steps or 0
         with _progress(not show) as bar:
             task = bar.add_task("Converting", total=None, item="")
 
