@@ -102,22 +102,6 @@ class _Factorer:
         scale = self.b.tensor(f"{prefix}.scale", layer.scale.astype(np.float32).reshape(h, k, 1))
         return self.b.node("Mul", [scale, mfilter], f"{prefix}.combine")
 
-    def finish(
-        self,
-        y: str,
-        bias: str | None,
-        layer: PackedLayer,
-        out_hw: tuple[int, int],
-        output: str,
-        p: str,
-    ) -> None:
-        h = layer.latent_shape[0]
-        k = layer.mfilter.shape[0]
-        if bias is not None:
-            b = self.b.node("Reshape", [bias, self.b.shape([h, k, 1])], f"{p}.b3")
-            y = self.b.node("Add", [y, b], f"{p}.yb")
-        self.b.node("Reshape", [y, self.b.shape([0, h * k, *out_hw])], output)
-
     def pad(self, x: str, geo: LayerGeometry, prefix: str) -> str:
         top, bottom, left, right = geo.pads
         if not any(geo.pads):
@@ -222,13 +206,6 @@ class _Factorer:
         p: str,
     ) -> None:
         """``y[h*K + j] = sum_p A[h, j, p] * z[h, p] + bias`` from z of shape (N, H, P, L)."""
-        import os
-
-        if os.environ.get("MCN_COMBINE", "conv") != "conv":
-            op = "Mul" if positions == 1 else "MatMul"
-            y = self.b.node(op, [z, a] if positions == 1 else [a, z], f"{p}.y")
-            self.finish(y, bias, layer, out_hw, output, p)
-            return
         h = layer.latent_shape[0]
         k = layer.mfilter.shape[0]
         full = self.b.shape([h, k, positions])
