@@ -302,7 +302,8 @@ class Trainer:
         return float(sums[0]) / count, 100 * float(sums[1]) / count, 100 * float(sums[2]) / count
 
     # --- state ---------------------------------------------------------------------------
-    def _save(self, name: str, metrics: dict[str, Any]) -> None:
+    def _save(self, names: tuple[str, ...], metrics: dict[str, Any]) -> None:
+        """Write one checkpoint (built and hashed once) to each of ``names``."""
         if not self.dist.is_main:
             return
         state = {
@@ -318,7 +319,8 @@ class Trainer:
             "recipe": recipe_to_dict(self.recipe),
         }
         payload = run_checkpoint(self.model, state, parent=self._parent, metrics=metrics)
-        atomic_write(self.run_dir / name, lambda tmp: torch.save(payload, tmp))
+        for name in names:
+            atomic_write(self.run_dir / name, lambda tmp: torch.save(payload, tmp))
 
     def _load_state(self, path: Path) -> None:
         data = read_resume_checkpoint(path)
@@ -384,7 +386,7 @@ class Trainer:
                 self.callbacks.on_step(values)  # type: ignore[union-attr]
             if any_rank(self._stop, self.device, self.dist.enabled):
                 self.acc.seconds += time.perf_counter() - start
-                self._save(LAST, {"interrupted": True})
+                self._save((LAST,), {"interrupted": True})
                 _logger.warning("stopped at epoch %d step %d", self.epoch + 1, self.step_in_epoch)
                 return True
         self.acc.seconds += time.perf_counter() - start
@@ -398,9 +400,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.acc = _Accumulator()
         summary = {"epoch": metrics.epoch, "val_top1": val[1], "val_top5": val[2]}
-        self._save(LAST, summary)
-        if best:
-            self._save(BEST, summary)
+        self._save((LAST, BEST) if best else (LAST,), summary)
         if self.dist.is_main:
             write_metrics(self.run_dir, self.history)
         if main:
