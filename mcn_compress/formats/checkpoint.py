@@ -137,7 +137,12 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> An
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read and validate a checkpoint dict without building the model."""
     path = Path(path)
-    data = load_plain(path, map_location)
+    return validate_checkpoint(load_plain(path, map_location), path)
+
+
+def validate_checkpoint(data: Any, path: str | Path) -> dict[str, Any]:
+    """``data`` as read from ``path`` if it is a whole, undamaged checkpoint, else one
+    `CheckpointError` saying what is wrong."""
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise CheckpointError(
             f"{path} is not an mcn-compress checkpoint (for float weights use --weights)"

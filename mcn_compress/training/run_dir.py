@@ -28,7 +28,7 @@ from mcn_compress.formats.checkpoint import (
     check_digest,
     checkpoint_dict,
     load_plain,
-    read_checkpoint,
+    validate_checkpoint,
 )
 from mcn_compress.formats.digest import DIGEST_KEY, content_digest
 from mcn_compress.formats.state_dict import loadable_state_dict, plain_state_dict
@@ -149,12 +149,17 @@ def read_float_run(path: Path, map_location: str | torch.device = "cpu") -> dict
     """The dict of a float run's checkpoint (`FLOAT_FORMAT`), checksum checked; None when
     ``path`` is a torch file of another format. Damaged or unsafe files raise `CheckpointError`."""
     data = load_plain(path, map_location)
+    return data if _valid_float_run(data, path) else None
+
+
+def _valid_float_run(data: Any, path: Path) -> bool:
+    """Whether ``data`` (read from ``path``) is a float run's dict; damage raises."""
     if not isinstance(data, dict) or data.get("format") != FLOAT_FORMAT:
-        return None
+        return False
     if not isinstance(data.get("model"), dict) or not isinstance(data.get("state_dict"), dict):
         raise CheckpointError(f"{path} is corrupt: its model description or weights are missing")
     check_digest(data, path)
-    return data
+    return True
 
 
 def _load_float_run(path: Path) -> nn.Module | None:
@@ -278,9 +283,9 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} does not exist")
     try:
-        data = read_float_run(path)
-        if data is None:
-            data = read_checkpoint(path, map_location="cpu")
+        data = load_plain(path)  # read once: a float run's dict, or an MCN checkpoint
+        if not _valid_float_run(data, path):
+            data = validate_checkpoint(data, path)
     except CheckpointError as exc:
         raise CheckpointError(f"cannot resume: {exc}") from exc
     if not isinstance(data.get("train_state"), dict):
