@@ -28,11 +28,13 @@ operation as the folded layout, so both give bit-identical weights), which keeps
 BatchNorms that do not directly follow a conv (e.g. DenseNet's pre-activation) stay
 ``BatchNormalization`` nodes.
 
-Exporter: torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``). The
-torch.export-based exporter (the default since torch 2.9) needs ``onnxscript``, which is not a
-dependency here; the TorchScript one is offline, deterministic and keeps parameter names as
-initializer names, which is how the packed rewrite finds each converted conv's weight (checked
-by value, too). Numbers and files only: nothing here prints.
+Exporter (`mcn_compress.formats.onnx_torch`): torch's torch.export-based exporter
+(``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``), optimised and stripped of
+its debug metadata; parameter names stay the initializer names, which is how the packed rewrite
+finds each converted conv's weight (checked by value, too). A model that exporter cannot take
+(or an opset its version converter cannot reach) goes through the deprecated TorchScript
+exporter instead, with a log line; ``exporter=`` forces either.
+Numbers and files only: nothing here prints.
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ from mcn_compress.errors import ConfigError, ExportError, first_line
 from mcn_compress.formats.atomic import atomic_write
 from mcn_compress.formats.onnx_factored import factor_graph
 from mcn_compress.formats.onnx_packing import PackedLayer, inline_initializer_aliases, pack_graph
-from mcn_compress.formats.onnx_torch import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, torch_export
+from mcn_compress.formats.onnx_torch import (
+    DEFAULT_OPSET,
+    EXPORTERS,
+    MAX_OPSET,
+    MIN_OPSET,
+    torch_export,
+)
 from mcn_compress.formats.packed import pack_signs
 from mcn_compress.module_utils import input_sizes, resolve_input_shape, set_submodule
 from mcn_compress.nn.mcconv import MCConv2d
@@ -80,12 +88,14 @@ class OnnxExportResult:
     sign_bytes: int = 0
     compute: str = "dense"
     factored_layers: tuple[str, ...] = ()
+    exporter: str = "dynamo"  # the torch exporter that made the graph (onnx_torch.EXPORTERS)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "out": str(self.path),
             "weights": self.weights,
             "compute": self.compute,
+            "exporter": self.exporter,
             "factored_layers": len(self.factored_layers),
             "opset": self.opset,
             "input_shape": list(self.input_shape),
@@ -105,7 +115,11 @@ class _Prepared:
 
 
 # --- options --------------------------------------------------------------------------------
-def _check_options(weights: str, opset: int, compute: str = "dense") -> None:
+def _check_options(
+    weights: str, opset: int, compute: str = "dense", exporter: str = "auto"
+) -> None:
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if weights not in WEIGHT_LAYOUTS:
         raise ConfigError(f"weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
     if compute not in COMPUTE_MODES:
@@ -166,6 +180,7 @@ def onnx_model(
     input_size: int | Sequence[int] | None = None,
     dynamic_batch: bool = False,
     compute: str = "dense",
+    exporter: str = "auto",
 ) -> tuple[Any, OnnxExportResult]:
     """The checked ``onnx.ModelProto`` of ``model`` and a description (path and bytes unset).
 
@@ -174,13 +189,13 @@ def onnx_model(
     """
     import onnx
 
-    _check_options(weights, opset, compute)
+    _check_options(weights, opset, compute, exporter)
     shape = resolve_input_shape(model, input_size)
     prepared = _prepare(model, weights)
     if weights == "packed" and not prepared.layers:
         _logger.warning("the model has no MCConv2d layers: nothing to pack, all weights float")
     example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
-    proto = torch_export(prepared.model, example, opset, dynamic_batch, weights)
+    proto, used = torch_export(prepared.model, example, opset, dynamic_batch, weights, exporter)
     inline_initializer_aliases(proto.graph)
     packed: list[str] = []
     factored: list[str] = []
@@ -198,6 +213,7 @@ def onnx_model(
         ("mcn_compress.weights", weights),
         ("mcn_compress.planes", _planes(model)),
         ("mcn_compress.compute", compute),
+        ("mcn_compress.exporter", used),
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -223,6 +239,7 @@ def onnx_model(
         sign_bytes=sum(layer.signs.size for layer in prepared.layers),
         compute=compute,
         factored_layers=tuple(factored),
+        exporter=used,
     )
     return proto, result
 
@@ -241,6 +258,7 @@ def export_onnx(
     input_size: int | Sequence[int] | None = None,
     dynamic_batch: bool = False,
     compute: str = "dense",
+    exporter: str = "auto",
 ) -> OnnxExportResult:
     """Write ``model`` as an ONNX file that onnxruntime runs without custom operators.
 
@@ -257,6 +275,9 @@ def export_onnx(
             K times fewer MACs; docs/design.md section 4.8, `mcn_compress.formats.onnx_factored`)
             or ``"auto"`` (factored where `mcn_compress.passes.factored.choose_mode` expects it
             to be faster, per layer). Factored forms need ``weights="packed"``.
+        exporter: ``"auto"`` (torch.export-based, the TorchScript exporter as a fallback
+            with a log line), ``"dynamo"`` or ``"torchscript"``; see
+            `mcn_compress.formats.onnx_torch`.
 
     Raises:
         ConfigError: an option is out of range.
@@ -272,6 +293,7 @@ def export_onnx(
         input_size=input_size,
         dynamic_batch=dynamic_batch,
         compute=compute,
+        exporter=exporter,
     )
     payload = proto.SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
@@ -282,6 +304,7 @@ def export_onnx(
 __all__ = [
     "COMPUTE_MODES",
     "DEFAULT_OPSET",
+    "EXPORTERS",
     "MAX_OPSET",
     "MIN_OPSET",
     "WEIGHT_LAYOUTS",

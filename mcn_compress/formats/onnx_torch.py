@@ -1,4 +1,15 @@
-"""The call into torch's ONNX exporter, and one-line errors that name the failing layer."""
+"""The call into torch's ONNX exporters, and one-line errors that name the failing layer.
+
+Two exporters (docs/design.md section 4, "Exporter"):
+
+- ``dynamo`` (first choice): ``torch.onnx.export(..., dynamo=True)``, built on ``torch.export``
+  and ``onnxscript``; the graph is optimised (constant folding, inlined functions) and the
+  exporter's per-node debug metadata (stack traces, FX nodes) is dropped, so the file holds the
+  model only. Parameter names stay the initializer names.
+- ``torchscript`` (fallback): the legacy TorchScript-based exporter that torch deprecates. With
+  ``exporter="auto"`` it runs only when the dynamo exporter cannot take a model, with one
+  ``INFO`` log line that says why; its errors name the operator and the layer that uses it.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +33,8 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 11  # BitShift
-MAX_OPSET = 20  # the TorchScript exporter's maximum
+MAX_OPSET = 20  # the TorchScript exporter's maximum (the fallback must be able to run)
+EXPORTERS = ("auto", "dynamo", "torchscript")
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 _OP_PATTERNS = (  # how the TorchScript exporter names the operator it failed on
@@ -60,6 +72,23 @@ def _stdout_to_log() -> Iterator[None]:
             text = sink.read().decode(errors="replace").strip()
             if text:
                 _logger.debug("torch.onnx output:\n%s", text[:20000])
+
+
+_TORCH_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch.onnx", "onnxscript")
+
+
+@contextlib.contextmanager
+def _quiet_torch_loggers() -> Iterator[None]:
+    """Keep torch.export's own error log lines off stderr: a failure becomes one ExportError."""
+    loggers = [logging.getLogger(name) for name in _TORCH_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _layers_calling(model: nn.Module, example: torch.Tensor, kind: str) -> list[str]:
@@ -134,6 +163,86 @@ def _export_error(model: nn.Module, example: torch.Tensor, exc: Exception, opset
 
 
 def torch_export(
+    model: nn.Module,
+    example: torch.Tensor,
+    opset: int,
+    dynamic_batch: bool,
+    weights: str,
+    exporter: str = "auto",
+) -> tuple[Any, str]:
+    """Export ``model`` (eval mode) on ``example``: an in-memory ``onnx.ModelProto`` and the
+    exporter that made it (``"dynamo"`` or ``"torchscript"``).
+
+    ``exporter``: ``"dynamo"``, ``"torchscript"`` or ``"auto"`` (dynamo, and the TorchScript
+    exporter when dynamo fails, with a log line); see the module docstring.
+    """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if exporter != "torchscript":
+        try:
+            return _dynamo_export(model, example, opset, dynamic_batch), "dynamo"
+        except Exception as exc:
+            if exporter == "dynamo":
+                raise ExportError(
+                    f"the torch.export-based ONNX exporter cannot export the model: "
+                    f"{type(exc).__name__}: {first_line(exc)}"
+                ) from exc
+            _logger.info(
+                "the torch.export-based ONNX exporter cannot take this model (%s: %s); "
+                "using the TorchScript exporter instead",
+                type(exc).__name__,
+                first_line(exc)[:300],
+            )
+    return _torchscript_export(model, example, opset, dynamic_batch, weights), "torchscript"
+
+
+def _dynamo_export(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool) -> Any:
+    """``torch.onnx.export(..., dynamo=True)``, optimised, without the debug metadata."""
+    dynamic_shapes = ({0: "batch"},) if dynamic_batch else None
+    quiet = _quiet_torch_loggers()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), _stdout_to_log(), quiet:
+        warnings.simplefilter("always")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+            report=False,
+        )
+    for warning in caught:
+        _logger.debug(
+            "torch.onnx (dynamo) warning: %s: %s", warning.category.__name__, warning.message
+        )
+    if program is None:  # pragma: no cover - torch returns the program when no file is given
+        raise ExportError("the ONNX exporter returned no program")
+    proto = program.model_proto
+    got = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if got != {opset}:  # the exporter keeps its own opset when the version converter fails
+        raise ExportError(f"the graph came out at opset {sorted(got)}, not {opset}")
+    _drop_debug_metadata(proto)
+    return proto
+
+
+def _drop_debug_metadata(proto: Any) -> None:
+    """Remove the dynamo exporter's per-value and per-node metadata (it can double the file)."""
+    graph = proto.graph
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        del value.metadata_props[:]
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del graph.metadata_props[:]
+    del proto.metadata_props[:]
+    graph.doc_string = ""
+    proto.doc_string = ""
+
+
+def _torchscript_export(
     model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool, weights: str
 ) -> Any:
     """Run the TorchScript exporter into memory and parse the result with ``onnx``."""
