@@ -146,7 +146,10 @@ class MCConv2d(nn.Module):
         return self._cached_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.reconstruct() if self.training else self._eval_weight()
+        # Under torch.compile Q is rebuilt inside the graph: the eval cache's version and
+        # data-pointer checks would break the graph and recompile after every optimizer step.
+        rebuild = self.training or torch.compiler.is_compiling()
+        weight = self.reconstruct() if rebuild else self._eval_weight()
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def invalidate_cache(self) -> None:

@@ -268,8 +268,10 @@ class MCNLoss(nn.Module):
                 fresh = present & ~self.seen
                 means = sums / counts.clamp(min=1)[:, None]
                 updated = torch.where(fresh[:, None], means, updated)
-            self.centers.copy_(torch.where(present[:, None], updated, self.centers))
-            self.seen |= present
+            # Rebound, not updated in place: a compiled step (AOTAutograd) may read the centres
+            # again in the backward, which must see the centres the forward used.
+            self.centers = torch.where(present[:, None], updated, self.centers)
+            self.seen = self.seen | present
 
     def broadcast_centers(self, src: int = 0) -> None:
         """Copy rank ``src``'s centres to every rank (no-op without torch.distributed)."""

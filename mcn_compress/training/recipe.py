@@ -49,6 +49,7 @@ OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["cosine", "step"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpMode = Literal["off", "bf16", "fp16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 _logger = logging.getLogger(__name__)
 
@@ -246,12 +247,17 @@ class LossRecipe:
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeRecipe:
-    """Where and how to run: ``device``, mixed precision ``amp``, memory format, ``seed``."""
+    """Where and how to run: ``device``, mixed precision ``amp``, memory format, ``seed``;
+    ``compile`` runs the model and the MCN loss through ``torch.compile`` with ``compile_mode``
+    (`training.compile`; the same maths, so it may change on resume).
+    """
 
     device: DeviceName = "auto"
     amp: AmpMode = "off"
     channels_last: bool = False
     seed: int = 0
+    compile: bool = False
+    compile_mode: CompileMode = "default"
 
     def __post_init__(self) -> None:
         problems: list[tuple[str, str]] = []

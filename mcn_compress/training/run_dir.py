@@ -296,8 +296,16 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
 RUN_FILES = (BEST, LAST, RUN_METRICS, RUN_METRICS_CSV, RUN_RECIPE)
 """The files a run writes: a folder holding any of them holds a run."""
 
-RESUMABLE_CHANGES = ("optim.epochs", "data.workers", "runtime.device", "output.dir")
-"""Recipe keys that may differ when a run is resumed (more epochs, another machine)."""
+RESUMABLE_CHANGES = (
+    "optim.epochs",
+    "data.workers",
+    "runtime.device",
+    "runtime.compile",
+    "runtime.compile_mode",
+    "output.dir",
+)
+"""Recipe keys that may differ when a run is resumed (more epochs, another machine, compiled
+or eager: the same maths)."""
 
 
 def claim_run_dir(

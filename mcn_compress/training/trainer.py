@@ -39,6 +39,7 @@ from mcn_compress.evaluate import topk_correct
 from mcn_compress.formats.atomic import atomic_write
 from mcn_compress.formats.checkpoint import load_model_state
 from mcn_compress.passes.distill import kl_to_teacher
+from mcn_compress.training.compile import compiled
 from mcn_compress.training.distributed import (
     any_rank,
     autocast,
@@ -227,7 +228,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * recipe.optim.epochs
         self.warmup_steps = self.steps_per_epoch * recipe.optim.warmup_epochs
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.ddp = wrap_ddp(self.model, self.dist, self.device)
+        self.ddp = wrap_ddp(compiled(self.model, self.criterion, runtime), self.dist, self.device)
         self.epoch = self.step_in_epoch = 0
         self.acc = _Accumulator()
         self.history: list[EpochMetrics] = []
