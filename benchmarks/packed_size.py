@@ -2,8 +2,10 @@
 and the theoretical minimum (docs/design.md section 6), and which parts the packed bytes go to.
 
 Writes the float32 original (safetensors and a torch state dict), the MCN checkpoint and the
-packed file with and without ``--float16`` into a temporary folder, checks that the packed
-files load back (identical outputs for float32, close for float16) and prints Markdown tables.
+packed file with and without ``--float16`` and with ``--float-layers float16|int8`` (the stem
+and classifier weights at 16 or 8 bits, docs/design.md section 4.9) into a temporary folder,
+checks that the packed files load back (identical outputs for float32, close otherwise) and
+prints Markdown tables.
 
 Usage: python benchmarks/packed_size.py [--model resnet18] [--planes 4] [--num-classes N]
 """
@@ -29,6 +31,7 @@ from mcn_compress import (
     load_float_model,
     save,
 )
+from mcn_compress.formats.quantize import float_layer_weight_keys, stored_weight_bytes
 from mcn_compress.passes.policy import REASON_STEM
 from mcn_compress.profile import size_bound, storage_counts
 
@@ -39,8 +42,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _parts(model: nn.Module, bytes_per_float: int) -> dict[str, int]:
-    """Bytes of the theoretical minimum by part: signs, M-Filters, BN, stem, classifier, other."""
+def _parts(model: nn.Module, bytes_per_float: int, float_layers: str = "float32") -> dict[str, int]:
+    """Bytes of the theoretical minimum by part: signs, M-Filters, BN, stem, classifier, other;
+    with ``float_layers`` the float layers' weights as stored (design.md 4.9)."""
+    layer_keys = float_layer_weight_keys(model) if float_layers != "float32" else set()
     modules = dict(model.named_modules())
     summary = info_of(model).summary
     stems = {r.name for r in summary.layers if r.reason == REASON_STEM}
@@ -54,6 +59,8 @@ def _parts(model: nn.Module, bytes_per_float: int) -> dict[str, int]:
         module = modules[owner]
         size = bytes_per_float if value.is_floating_point() else value.element_size()
         nbytes = value.numel() * size
+        if key in layer_keys:
+            nbytes = stored_weight_bytes(value.shape, float_layers)
         if isinstance(module, MCConv2d) and leaf == "weight":
             parts["signs (1 bit)"] += math.ceil(value.numel() / 8)
         elif isinstance(module, MCConv2d) and leaf == "mfilter":
@@ -89,16 +96,21 @@ def main() -> None:
         save(model, root / "model.pt")
         export_packed(model, root / "model.mcn")
         export_packed(model, root / "model16.mcn", float16=True)
+        export_packed(model, root / "layers16.mcn", float_layers="float16")
+        export_packed(model, root / "layers8.mcn", float_layers="int8")
         with torch.no_grad():
             expected = model(x)
             exact = torch.equal(load(root / "model.mcn")(x), expected)
             diff16 = float((load(root / "model16.mcn")(x) - expected).abs().max())
+            err8 = float((load(root / "layers8.mcn")(x) - expected).norm() / expected.norm())
         sizes = {p.name: p.stat().st_size for p in root.iterdir()}
 
     float32 = sizes["float.safetensors"]
     float_min = storage_counts(float_model, 4).min_bytes
     min32 = storage_counts(model).min_bytes
     min16 = storage_counts(model, 2).min_bytes
+    min_layers16 = storage_counts(model, None, "float16").min_bytes
+    min_layers8 = storage_counts(model, None, "int8").min_bytes
     rows = []
     for label, name, minimum in [
         ("float32 original (.safetensors)", "float.safetensors", float_min),
@@ -106,6 +118,8 @@ def main() -> None:
         ("MCN checkpoint .pt (latent C, training state)", "model.pt", None),
         ("packed .mcn", "model.mcn", min32),
         ("packed .mcn --float16", "model16.mcn", min16),
+        ("packed .mcn --float-layers float16", "layers16.mcn", min_layers16),
+        ("packed .mcn --float-layers int8", "layers8.mcn", min_layers8),
     ]:
         size = sizes[name]
         if minimum is None:
@@ -128,24 +142,30 @@ def main() -> None:
     print(_table(header, rows))
     print(
         f"\npacked outputs identical to the checkpoint's: {exact}; "
-        f"float16 max |diff|: {diff16:.2e} (outputs max |y| {float(expected.abs().max()):.2e})\n"
+        f"float16 max |diff|: {diff16:.2e} (outputs max |y| {float(expected.abs().max()):.2e}); "
+        f"--float-layers int8 relative error ||y8 - y|| / ||y||: {err8:.2e}\n"
     )
 
-    parts32, parts16 = _parts(model, 4), _parts(model, 2)
-    parts32["file framing (header, padding)"] = sizes["model.mcn"] - sum(parts32.values())
-    parts16["file framing (header, padding)"] = sizes["model16.mcn"] - sum(parts16.values())
-    part_rows = [
-        [
-            part,
-            f"{parts32[part]:,}",
-            f"{parts32[part] / sizes['model.mcn']:.1%}",
-            f"{parts16[part]:,}",
-            f"{parts16[part] / sizes['model16.mcn']:.1%}",
-        ]
-        for part in sorted(parts32, key=parts32.__getitem__, reverse=True)
+    columns = [
+        ("float32", "model.mcn", _parts(model, 4)),
+        ("float16", "model16.mcn", _parts(model, 2)),
+        ("int8 float layers", "layers8.mcn", _parts(model, 4, "int8")),
     ]
+    for _, name, parts in columns:
+        parts["file framing (header, padding)"] = sizes[name] - sum(parts.values())
+    first = columns[0][2]
+    part_rows = [
+        [part]
+        + [
+            cell
+            for _, name, parts in columns
+            for cell in (f"{parts[part]:,}", f"{parts[part] / sizes[name]:.1%}")
+        ]
+        for part in sorted(first, key=first.__getitem__, reverse=True)
+    ]
+    header = ["part"] + [c for label, _, _ in columns for c in (f"{label} bytes", "share")]
     print("### Where the packed bytes go\n")
-    print(_table(["part", "float32 bytes", "share", "float16 bytes", "share"], part_rows))
+    print(_table(header, part_rows))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ class MCNInfo:
 
     ``source``: how to rebuild the float architecture; ``config`` and ``summary``: the
     conversion (None on a float model); ``metadata``: the checkpoint metadata of a loaded
-    file (versions, parent, metrics); ``packed_float16``: loaded from a float16 packed file.
+    file (versions, parent, metrics); ``packed_float16``: loaded from a float16 packed file;
+    ``packed_float_layers``: how that file stored the float layers' weights (``float32``,
+    ``float16`` or ``int8``; docs/design.md section 4.9).
     """
 
     source: ModelSource | None = None
@@ -106,6 +108,7 @@ class MCNInfo:
     summary: ConversionSummary | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     packed_float16: bool = False
+    packed_float_layers: str = "float32"
 
 
 def info_of(model: nn.Module) -> MCNInfo:

@@ -20,7 +20,6 @@ matplotlib being the optional ``plot`` extra). Rendering lives in `mcn_compress.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ from mcn_compress.module_utils import resolve_input_shape
 from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.factored import factored_profile
+from mcn_compress.storage import size_bound, storage_counts
 from mcn_compress.training.run_dir import RunDir, load_run_model, read_run
 
 if TYPE_CHECKING:
@@ -49,15 +49,6 @@ _logger = logging.getLogger(__name__)
 
 #: ``progress(label, done, total)``: the same, for the model of row ``label``
 LabeledProgressFn = Callable[[str, int, int], None]
-
-
-BOUND_FRACTION = 0.01
-BOUND_SLACK = 16 * 1024
-
-
-def size_bound(min_bytes: int) -> int:
-    """Largest acceptable file size for a theoretical minimum: 1% + 16 KiB over it."""
-    return math.floor(min_bytes * (1 + BOUND_FRACTION)) + BOUND_SLACK
 
 
 @dataclass(frozen=True)
@@ -119,6 +110,7 @@ class ModelProfile:
     packed_bytes: int | None
     min_bytes: int
     float16: bool = False
+    float_layer_dtype: str = "float32"  # how the packed file stores float layer weights (4.9)
     path: str | None = None
     input_bytes: int | None = None
     latency_ms: float | None = None
@@ -175,6 +167,7 @@ class ModelProfile:
             "float_params": self.float_params,
             "float_buffers": self.float_buffers,
             "float16": self.float16,
+            "float_layer_dtype": self.float_layer_dtype,
             "input_bytes": self.input_bytes,
             "float32_bytes": self.float32_bytes,
             "packed_bytes": self.packed_bytes,
@@ -203,44 +196,6 @@ class ModelProfile:
 
 
 # --- counting -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Counts:
-    binary_params: int
-    float_params: int
-    float_buffers: int
-    min_bytes: int
-
-
-def _sign_keys(model: nn.Module) -> set[str]:
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, MCConv2d)}
-
-
-def storage_counts(model: nn.Module, bytes_per_float: int | None = None) -> _Counts:
-    """Count the stored values of ``model``'s state dict and its theoretical minimum in bytes.
-
-    Sign bits are the latent weights of every `MCConv2d`; every other floating entry is a float
-    parameter or buffer of ``bytes_per_float`` bytes (default: its dtype's size); integer and
-    bool buffers count their own bytes.
-    """
-    signs = _sign_keys(model)
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    bits = float_params = float_buffers = float_bytes = other_bytes = 0
-    for key, value in model.state_dict().items():
-        if key in signs:
-            bits += value.numel()
-        elif value.is_floating_point():
-            if key in params:
-                float_params += value.numel()
-            else:
-                float_buffers += value.numel()
-            float_bytes += value.numel() * (bytes_per_float or value.element_size())
-        else:
-            other_bytes += value.numel() * value.element_size()
-    return _Counts(
-        bits, float_params, float_buffers, math.ceil(bits / 8) + float_bytes + other_bytes
-    )
-
-
 def _layer_counts(model: nn.Module) -> tuple[int, int]:
     """(converted `MCConv2d` layers, float `nn.Conv2d` and `nn.Linear` layers)."""
     converted = sum(isinstance(m, MCConv2d) for m in model.modules())
@@ -285,11 +240,13 @@ def float32_file_bytes(model: nn.Module) -> int:
     return _file_size(lambda path: save_file(state, str(path)))
 
 
-def packed_file_bytes(model: nn.Module, float16: bool = False) -> int:
+def packed_file_bytes(
+    model: nn.Module, float16: bool = False, float_layers: str = "float32"
+) -> int:
     """Bytes of ``model``'s packed file (`formats.packed.export_packed`), written to a temp dir."""
     from mcn_compress.formats.packed import export_packed
 
-    return _file_size(lambda path: export_packed(model, path, float16=float16))
+    return _file_size(lambda p: export_packed(model, p, float16, float_layers=float_layers))
 
 
 # --- per layer and latency ------------------------------------------------------------------
@@ -399,6 +356,7 @@ def profile_model(
     input_size: int | None = None,
     reference: nn.Module | None = None,
     path: str | Path | None = None,
+    float_layers: str = "float32",
 ) -> ModelProfile:
     """Profile an MCN model (or, with no `MCConv2d`, a float model) from real files.
 
@@ -411,12 +369,14 @@ def profile_model(
         input_size: image side for the latency run (default: the model's own).
         reference: the float original with its real weights, for per-layer errors.
         path: the file the model came from (its size is reported as ``input_bytes``).
+        float_layers: measure the packed file with its float layer weights stored so (4.9).
     """
     is_mcn = any(isinstance(m, MCConv2d) for m in model.modules())
     converted, kept = _layer_counts(model)
     float16 = float16 and is_mcn
     # the float original is measured as a float32 file, an MCN model as its packed file
-    counts = storage_counts(model, 2 if float16 else None if is_mcn else 4)
+    float_layers = float_layers if is_mcn else "float32"
+    counts = storage_counts(model, 2 if float16 else None if is_mcn else 4, float_layers)
     info = info_of(model)
     source, config = info.source, info.config
     float_model: nn.Module | None = model
@@ -439,9 +399,10 @@ def profile_model(
         float_params=counts.float_params,
         float_buffers=counts.float_buffers,
         float32_bytes=float32_file_bytes(float_model if float_model is not None else model),
-        packed_bytes=packed_file_bytes(model, float16) if is_mcn else None,
+        packed_bytes=packed_file_bytes(model, float16, float_layers) if is_mcn else None,
         min_bytes=counts.min_bytes,
         float16=float16,
+        float_layer_dtype=float_layers,
         path=str(path) if path is not None else None,
         input_bytes=Path(path).stat().st_size if path is not None else None,
     )
@@ -574,6 +535,7 @@ def profile_paths(
             model,
             str(p),
             float16=float16 or info.packed_float16,
+            float_layers=info.packed_float_layers,
             per_layer=per_layer,
             latency=latency,
             input_size=input_size,

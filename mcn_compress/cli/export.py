@@ -13,6 +13,7 @@ from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, out,
 from mcn_compress.errors import ConfigError, OutputError
 from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.formats.onnx import COMPUTE_MODES, WEIGHT_LAYOUTS
+from mcn_compress.formats.quantize import FLOAT_LAYER_MODES
 
 
 class ExportFormat(str, Enum):
@@ -31,6 +32,11 @@ OnnxCompute = Enum(  # type: ignore[misc]
     "OnnxCompute", {name: name for name in COMPUTE_MODES}, type=str
 )
 """How ONNX computes the converted convs (`formats.onnx.COMPUTE_MODES`; design.md 4.8)."""
+
+FloatLayers = Enum(  # type: ignore[misc]
+    "FloatLayers", {name: name for name in FLOAT_LAYER_MODES}, type=str
+)
+"""How the weights of the layers that stay float are stored (`formats.quantize`; design.md 4.9)."""
 
 
 def _check_output(path: Path, model_path: Path) -> None:
@@ -67,6 +73,16 @@ def export_command(
     float16: Annotated[
         bool, typer.Option("--float16", help="Store the float parts as float16 (half size).")
     ] = False,
+    float_layers: Annotated[
+        FloatLayers,
+        typer.Option(
+            "--float-layers",
+            help="Weights of the layers that stay float (stem, classifier, depthwise and other "
+            "float convs): float32 (as the other float parts), float16, or int8 per output "
+            "channel with float32 scales (ONNX: DequantizeLinear, opset >= 13). Biases, "
+            "BatchNorm and M-Filters are not changed.",
+        ),
+    ] = FloatLayers.float32,
     weights: Annotated[
         OnnxWeights | None,
         typer.Option(
@@ -115,11 +131,19 @@ def export_command(
 
       mcn-compress export model.pt --float16 -o model-fp16.mcn
 
+      mcn-compress export model.pt --float-layers int8 -o model-int8.mcn
+
       mcn-compress export model.pt --format onnx --dynamic-batch -o model.onnx
 
       mcn-compress export model.pt -f onnx --weights folded --input-size 3,160,160 -o m.onnx
 
       mcn-compress export model.pt -f onnx --compute dense -o model-dense.onnx
+
+      mcn-compress export model.pt -f onnx --float-layers int8 -o model-int8.onnx
+
+    --float-layers int8 stores the weights of the layers that stay float as int8 with one scale
+    per output channel (scale = max|W| / 127), about 4x fewer bytes for them; their outputs move
+    by well under 1% (docs/design.md section 4.9). Activations stay float32.
     """
     from mcn_compress.formats.load import load
     from mcn_compress.formats.packed import export_packed
@@ -134,7 +158,16 @@ def export_command(
             model = load(model_path)
             result = {
                 "input": str(model_path),
-                **_export_onnx(model, out_path, weights, opset, size_hint, dynamic_batch, compute),
+                **_export_onnx(
+                    model,
+                    out_path,
+                    weights,
+                    opset,
+                    size_hint,
+                    dynamic_batch,
+                    compute,
+                    float_layers.value,
+                ),
             }
         else:
             onnx_only = [
@@ -152,14 +185,21 @@ def export_command(
                 verb = "applies" if len(onnx_only) == 1 else "apply"
                 raise ConfigError(f"{', '.join(onnx_only)} {verb} to --format onnx only")
             model = load(model_path)
-            export_packed(model, out_path, float16=float16, parent=str(model_path))
+            export_packed(
+                model,
+                out_path,
+                float16=float16,
+                parent=str(model_path),
+                float_layers=float_layers.value,
+            )
             size = out_path.stat().st_size
-            minimum = storage_counts(model, 2 if float16 else None).min_bytes
+            minimum = storage_counts(model, 2 if float16 else None, float_layers.value).min_bytes
             result = {
                 "input": str(model_path),
                 "out": str(out_path),
                 "format": fmt.value,
                 "float16": float16,
+                "float_layers": float_layers.value,
                 "bytes": size,
                 "min_bytes": minimum,
                 "bound_bytes": size_bound(minimum),
@@ -174,7 +214,8 @@ def export_command(
             f"wrote {out_path}: {result['bytes']:,} bytes, {result['weights']} weights "
             f"({result['packed_layers']} layers as sign bits, {result['factored_layers']} run "
             f"factored, {result['folded_batchnorms']} BatchNorms folded), "
-            f"opset {result['opset']}, input "
+            f"float layers {result['float_layers']}, opset {result['opset']}"
+            f"{' (TorchScript exporter)' if result['exporter'] == 'torchscript' else ''}, input "
             f"{'x'.join(str(d) for d in result['input_shape'])}"
             f"{' (dynamic batch)' if result['dynamic_batch'] else ''}; {model_path} was "
             f"{result['input_bytes']:,} bytes",
@@ -185,7 +226,8 @@ def export_command(
         minimum = result["min_bytes"]
         out.print(
             f"wrote {out_path}: {result['bytes']:,} bytes (theoretical minimum {minimum:,}, "
-            f"+{result['bytes'] / minimum - 1:.2%}); {model_path} was "
+            f"+{result['bytes'] / minimum - 1:.2%}; float layers {result['float_layers']}); "
+            f"{model_path} was "
             f"{result['input_bytes']:,} bytes",
             soft_wrap=True,
             markup=False,
@@ -200,6 +242,7 @@ def _export_onnx(
     input_size: tuple[int, ...] | None,
     dynamic_batch: bool,
     compute: OnnxCompute | None = None,
+    float_layers: str = "float32",
 ) -> dict[str, object]:
     """Call the library's ONNX exporter; returns the JSON-ready result."""
     from mcn_compress.formats.onnx import export_onnx
@@ -215,5 +258,6 @@ def _export_onnx(
         opset=DEFAULT_OPSET if opset is None else opset,
         input_size=input_size,
         dynamic_batch=dynamic_batch,
+        float_layers=float_layers,
     )
     return {**result.to_dict(), "format": ExportFormat.onnx.value}

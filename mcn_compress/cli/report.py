@@ -77,6 +77,7 @@ ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
     ("input file bytes", lambda p: _int(p.input_bytes)),
     ("float32 original bytes", lambda p: _int(p.float32_bytes)),
     ("packed bytes", _packed),
+    ("float layer weights stored as", lambda p: p.float_layer_dtype if p.kind == "mcn" else "-"),
     ("theoretical min bytes", lambda p: _int(p.min_bytes)),
     ("overhead vs min", lambda p: f"{p.overhead:+.2%}"),
     ("within 1% + 16 KiB", lambda p: "yes" if p.within_bound else "NO"),
@@ -403,6 +404,12 @@ def report_command(
     top-1 and top-5 accuracy on the validation split (the float original's only when its
     weights file is known and still exists).
 
+    A packed file exported with --float-layers float16 or int8 is measured as stored (its size
+    and minimum count those weights at 2 bytes, or 1 byte + a scale per output channel) and
+    evaluated as stored (loading turns them back into float32, rounding included), so reporting
+    the float32 and the int8 file side by side with --data shows what int8 float layers cost in
+    bytes and in accuracy.
+
     Examples:
 
       mcn-compress report model.pt
@@ -412,6 +419,8 @@ def report_command(
       mcn-compress report model.pt --latency --input-size 224 --format json
 
       mcn-compress report runs/fmnist --data fashion_mnist --val-samples 1000
+
+      mcn-compress report model.mcn model-int8.mcn --data fashion_mnist
 
       mcn-compress report runs/k4 runs/k2 --plot curves.png
     """

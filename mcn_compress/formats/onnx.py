@@ -53,6 +53,12 @@ from torch import nn
 from mcn_compress.errors import ConfigError, ExportError, first_line
 from mcn_compress.formats.atomic import atomic_write
 from mcn_compress.formats.onnx_factored import factor_graph
+from mcn_compress.formats.onnx_int8 import (
+    METADATA_KEY,
+    check_onnx_float_layers,
+    float_layer_weights,
+    store_float_layers,
+)
 from mcn_compress.formats.onnx_packing import PackedLayer, inline_initializer_aliases, pack_graph
 from mcn_compress.formats.onnx_torch import (
     DEFAULT_OPSET,
@@ -89,6 +95,8 @@ class OnnxExportResult:
     compute: str = "dense"
     factored_layers: tuple[str, ...] = ()
     exporter: str = "dynamo"  # the torch exporter that made the graph (onnx_torch.EXPORTERS)
+    float_layers: str = "float32"  # how float layer weights are stored (design.md 4.9)
+    float_layer_weights: int = 0  # initializers stored as float16 or int8
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +112,8 @@ class OnnxExportResult:
             "packed_layers": len(self.packed_layers),
             "folded_batchnorms": len(self.folded_batchnorms),
             "sign_bytes": self.sign_bytes,
+            "float_layers": self.float_layers,
+            "float_layer_weights": self.float_layer_weights,
         }
 
 
@@ -181,6 +191,7 @@ def onnx_model(
     dynamic_batch: bool = False,
     compute: str = "dense",
     exporter: str = "auto",
+    float_layers: str = "float32",
 ) -> tuple[Any, OnnxExportResult]:
     """The checked ``onnx.ModelProto`` of ``model`` and a description (path and bytes unset).
 
@@ -190,6 +201,7 @@ def onnx_model(
     import onnx
 
     _check_options(weights, opset, compute, exporter)
+    check_onnx_float_layers(float_layers, opset)
     shape = resolve_input_shape(model, input_size)
     prepared = _prepare(model, weights)
     if weights == "packed" and not prepared.layers:
@@ -206,6 +218,9 @@ def onnx_model(
             dense_layers, choices = factor_graph(proto, dense_layers, compute, opset, sizes)
             factored = [c.name for c in choices if c.mode != "dense"]
         packed = pack_graph(proto, dense_layers, opset) + factored
+    stored = store_float_layers(
+        proto, float_layers, float_layer_weights(prepared.model, model), opset
+    )
     foreign = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the exported graph uses non-standard ONNX domains: {foreign}")
@@ -214,6 +229,7 @@ def onnx_model(
         ("mcn_compress.planes", _planes(model)),
         ("mcn_compress.compute", compute),
         ("mcn_compress.exporter", used),
+        (METADATA_KEY, float_layers),
     ):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -240,6 +256,8 @@ def onnx_model(
         compute=compute,
         factored_layers=tuple(factored),
         exporter=used,
+        float_layers=float_layers,
+        float_layer_weights=len(stored),
     )
     return proto, result
 
@@ -259,6 +277,7 @@ def export_onnx(
     dynamic_batch: bool = False,
     compute: str = "dense",
     exporter: str = "auto",
+    float_layers: str = "float32",
 ) -> OnnxExportResult:
     """Write ``model`` as an ONNX file that onnxruntime runs without custom operators.
 
@@ -278,6 +297,10 @@ def export_onnx(
         exporter: ``"auto"`` (torch.export-based, the TorchScript exporter as a fallback
             with a log line), ``"dynamo"`` or ``"torchscript"``; see
             `mcn_compress.formats.onnx_torch`.
+        float_layers: ``"float32"`` (default), ``"float16"`` (float16 initializer + ``Cast``)
+            or ``"int8"`` (per-output-channel int8 + ``DequantizeLinear``, opset >= 13) for the
+            weights of the layers that stay float (docs/design.md section 4.9,
+            `mcn_compress.formats.onnx_int8`).
 
     Raises:
         ConfigError: an option is out of range.
@@ -294,6 +317,7 @@ def export_onnx(
         dynamic_batch=dynamic_batch,
         compute=compute,
         exporter=exporter,
+        float_layers=float_layers,
     )
     payload = proto.SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))

@@ -2,22 +2,31 @@
 
 Stored: the sign bits B of every `MCConv2d` packed 8 per byte, and every other state-dict entry
 (M-Filters, biases, float layers, BatchNorm parameters and buffers) at its own dtype, or float16
-with ``float16=True``; integer buffers always keep their dtype. The latent filters C are not
+with ``float16=True``; integer buffers always keep their dtype. ``float_layers`` (``"float32"``
+default, ``"float16"``, ``"int8"``) stores the weights of the layers that stay float (stem,
+classifier, depthwise and other float convs; `mcn_compress.formats.quantize`) as float16, or as
+per-output-channel int8 with float32 scales (docs/design.md section 4.9); loading turns them
+back into float32. The latent filters C are not
 stored: loading sets each latent ``weight`` to the ±1 signs, so ``sign(C) = B`` and every
 reconstructed filter Q, hence every eval-mode output, is bit-identical to the source model's.
 
-Layout (format ``mcn-compress.packed``, version 2): a safetensors file (no pickle) holding one
-flat tensor ("blob") per stored dtype plus ``signs`` (uint8), and these strings in its JSON
+Layout (format ``mcn-compress.packed``, version 2, or 3 with int8 float layers): a safetensors
+file (no pickle) holding one flat tensor ("blob") per stored dtype plus ``signs`` (uint8), and
+for int8 float layers ``qint8`` (int8) and ``qscale`` (float32), and these strings in its JSON
 header (``__metadata__``):
 
-- ``format``: ``mcn-compress.packed``; ``version``: ``2`` (readers refuse newer versions).
+- ``format``: ``mcn-compress.packed``; ``version``: ``2``, or ``3`` when the file holds
+  ``qint8`` entries, which a version 2 reader would misread (readers refuse newer versions).
 - ``description``: JSON with how to rebuild the model (``model``: `ModelSource`, ``mcn``:
-  `MCNConfig`), ``float16``, the checkpoint ``metadata`` (versions, parent, metrics) and the
-  state dict's module versions (``state_dict_metadata``).
+  `MCNConfig`), ``float16``, ``float_layers`` (only when not ``float32``), the checkpoint
+  ``metadata`` (versions, parent, metrics) and the state dict's module versions
+  (``state_dict_metadata``).
 - ``index``: base64 of zlib-compressed JSON ``[[key, blob, shape], ...]`` in state-dict order;
   each entry occupies the next ``prod(shape)`` elements of its blob, or for ``signs`` the next
   ``ceil(prod(shape) / 8)`` bytes. Sign entries are the ``.weight`` keys of the converted
-  layers, with the latent shape ``(out // K, in // groups, kh, kw)``.
+  layers, with the latent shape ``(out // K, in // groups, kh, kw)``. A ``qint8`` entry takes
+  the next ``prod(shape)`` values of ``qint8`` and the next ``shape[0]`` scales of ``qscale``
+  (design.md 4.9: ``W' = q * scale_o`` along the first axis).
 - ``sha256``: digest of the blobs (name, then raw bytes, blobs in sorted name order), then of
   the ``format``, ``version``, ``description`` and ``index`` strings (name, then value), so
   an edited header is refused like damaged data. Version 1 files (digest of the blobs only)
@@ -48,18 +57,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcn_compress.errors import CheckpointError
+from mcn_compress.errors import CheckpointError, ConfigError, ExportError, MCNError
 from mcn_compress.formats.atomic import atomic_write
 from mcn_compress.formats.checkpoint import checkpoint_dict, model_from_checkpoint
+from mcn_compress.formats.quantize import (
+    DEFAULT_FLOAT_LAYERS,
+    check_float_layers,
+    dequantize_int8,
+    float_layer_weight_keys,
+    quantize_int8,
+)
 from mcn_compress.info import info_of, update_info
 
 _logger = logging.getLogger(__name__)
 
 PACKED_FORMAT = "mcn-compress.packed"
-PACKED_VERSION = 2  # 2: the digest covers the header strings too
+PACKED_VERSION = 3  # 2: the digest covers the header strings too; 3: qint8 entries
+PLAIN_VERSION = 2  # written when the file holds no qint8 entries (what version 2 readers read)
 HEADER_FIELDS = ("format", "version", "description", "index")
 PACKED_SUFFIX = ".mcn"
 SIGNS = "signs"
+QINT8 = "qint8"  # int8 float layer weights (docs/design.md section 4.9)
+QSCALE = "qscale"  # their float32 per-output-channel scales
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
@@ -121,10 +140,18 @@ def _decode_index(text: str) -> list[list[Any]]:
 
 
 # --- writing --------------------------------------------------------------------------------
-def pack_model(model: nn.Module, float16: bool = False, *, parent: str | None = None) -> bytes:
+def pack_model(
+    model: nn.Module,
+    float16: bool = False,
+    *,
+    parent: str | None = None,
+    float_layers: str = DEFAULT_FLOAT_LAYERS,
+) -> bytes:
     """The packed file of a converted ``model`` as bytes (see the module docstring)."""
     from safetensors.torch import save as st_save
 
+    check_float_layers(float_layers)
+    layer_keys = float_layer_weight_keys(model) if float_layers != DEFAULT_FLOAT_LAYERS else set()
     metadata = dict(info_of(model).metadata)
     data = checkpoint_dict(
         model, parent=parent or metadata.get("parent"), metrics=metadata.get("metrics")
@@ -135,6 +162,15 @@ def pack_model(model: nn.Module, float16: bool = False, *, parent: str | None = 
     for key, value in data["state_dict"].items():
         if key in sign_keys:
             blob, stored = SIGNS, pack_signs(value)
+        elif key in layer_keys and float_layers == "int8":
+            try:
+                q, scale = quantize_int8(value)
+            except MCNError as exc:
+                raise ExportError(f"cannot store {key} as int8: {exc}") from exc
+            parts.setdefault(QSCALE, []).append(scale)
+            blob, stored = QINT8, q.reshape(-1)
+        elif key in layer_keys:  # float16
+            blob, stored = "float16", value.reshape(-1).to(torch.float16)
         else:
             stored = value.reshape(-1)
             if float16 and stored.is_floating_point():
@@ -149,12 +185,13 @@ def pack_model(model: nn.Module, float16: bool = False, *, parent: str | None = 
         "model": data["model"],
         "mcn": data["mcn"],
         "float16": float16,
+        **({"float_layers": float_layers} if float_layers != DEFAULT_FLOAT_LAYERS else {}),
         "metadata": meta,
         "state_dict_metadata": data["state_dict_metadata"],
     }
     header = {
         "format": PACKED_FORMAT,
-        "version": str(PACKED_VERSION),
+        "version": str(PACKED_VERSION if QINT8 in blobs else PLAIN_VERSION),
         "description": json.dumps(description, separators=(",", ":"), default=str),
         "index": _encode_index(index),
     }
@@ -163,7 +200,12 @@ def pack_model(model: nn.Module, float16: bool = False, *, parent: str | None = 
 
 
 def export_packed(
-    model: nn.Module, path: str | Path, float16: bool = False, *, parent: str | None = None
+    model: nn.Module,
+    path: str | Path,
+    float16: bool = False,
+    *,
+    parent: str | None = None,
+    float_layers: str = DEFAULT_FLOAT_LAYERS,
 ) -> Path:
     """Write the packed 1-bit file of a converted ``model`` to ``path`` atomically.
 
@@ -173,14 +215,23 @@ def export_packed(
         path: the output file (``model.mcn`` by convention); written via a temporary file.
         float16: store float parts as float16 (half the bytes; outputs then close, not equal).
         parent: the file ``model`` was read from, recorded in the metadata.
+        float_layers: how to store the weights of the layers that stay float: ``"float32"``
+            (like the other float parts), ``"float16"`` or ``"int8"`` (per output channel with
+            float32 scales, docs/design.md section 4.9; the file is then version 3).
 
     Example:
         >>> export_packed(load("model.pt"), "model.mcn")
         PosixPath('model.mcn')
     """
-    payload = pack_model(model, float16, parent=parent)
+    payload = pack_model(model, float16, parent=parent, float_layers=float_layers)
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))
-    _logger.info("wrote %s (%d bytes, float16=%s)", path, len(payload), float16)
+    _logger.info(
+        "wrote %s (%d bytes, float16=%s, float layers %s)",
+        path,
+        len(payload),
+        float16,
+        float_layers,
+    )
     return Path(path)
 
 
@@ -236,7 +287,8 @@ def read_packed(path: str | Path) -> dict[str, Any]:
     """Read and validate a packed file into checkpoint-dict form (signs as ±1 latent weights).
 
     The result has the fields `formats.checkpoint.model_from_checkpoint` rebuilds from, plus
-    ``float16``. Foreign, truncated or corrupt files raise `CheckpointError`.
+    ``float16`` and ``float_layers`` (int8 weights already dequantized to float32). Foreign,
+    truncated or corrupt files raise `CheckpointError`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
@@ -271,9 +323,20 @@ def read_packed(path: str | Path) -> dict[str, Any]:
             "state_dict": state_dict,
             "metadata": dict(description.get("metadata") or {}),
             "float16": bool(description.get("float16", False)),
+            "float_layers": check_float_layers(
+                str(description.get("float_layers", DEFAULT_FLOAT_LAYERS))
+            ),
             "state_dict_metadata": dict(description.get("state_dict_metadata") or {}),
         }
-    except (AttributeError, KeyError, TypeError, ValueError, zlib.error, binascii.Error) as exc:
+    except (
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+        ConfigError,
+        zlib.error,
+        binascii.Error,
+    ) as exc:
         raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from exc
     return data
 
@@ -281,7 +344,8 @@ def read_packed(path: str | Path) -> dict[str, Any]:
 def _unpack_index(
     index: list[list[Any]], blobs: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Slice the blobs back into state-dict entries; sign entries become ±1 float32 tensors."""
+    """Slice the blobs back into state-dict entries; sign entries become ±1 float32 tensors,
+    ``qint8`` entries ``q * scale`` in float32 (docs/design.md section 4.9)."""
     offsets = dict.fromkeys(blobs, 0)
     state_dict: dict[str, torch.Tensor] = {}
     layers: list[str] = []
@@ -289,6 +353,8 @@ def _unpack_index(
         shape = tuple(int(s) for s in shape)
         if blob not in blobs:
             raise ValueError(f"entry {key} refers to a missing blob {blob!r}")
+        if blob == QSCALE:
+            raise ValueError(f"entry {key} refers to blob {blob!r}, which holds only scales")
         start = offsets[blob]
         count = math.ceil(math.prod(shape) / 8) if blob == SIGNS else math.prod(shape)
         if start + count > blobs[blob].numel():
@@ -300,6 +366,14 @@ def _unpack_index(
                 raise ValueError(f"sign entry {key} is not a conv weight")
             state_dict[key] = unpack_signs(chunk, shape)
             layers.append(key.removesuffix(".weight"))
+        elif blob == QINT8:
+            rows = shape[0] if shape else 0
+            first = offsets.get(QSCALE, 0)
+            if QSCALE not in blobs or not rows or first + rows > blobs[QSCALE].numel():
+                raise ValueError(f"blob {QSCALE!r} is missing or too short for entry {key}")
+            scale = blobs[QSCALE][first : first + rows]
+            offsets[QSCALE] = first + rows
+            state_dict[key] = dequantize_int8(chunk.reshape(shape), scale)
         else:
             state_dict[key] = chunk.reshape(shape).clone()
     unused = [name for name, used in offsets.items() if used != blobs[name].numel()]
@@ -313,9 +387,10 @@ def load_packed(path: str | Path) -> nn.Module:
 
     The architecture is rebuilt like a checkpoint's (`formats.checkpoint.model_from_checkpoint`):
     float model without downloads, converted at the stored layer names, then every entry
-    loaded. Without ``float16`` its outputs equal those of the model that was exported.
+    loaded. Without ``float16`` and with float32 float layers its outputs equal those of the
+    model that was exported.
     """
     data = read_packed(path)
     model = model_from_checkpoint(data, origin=str(path))
-    update_info(model, packed_float16=data["float16"])
+    update_info(model, packed_float16=data["float16"], packed_float_layers=data["float_layers"])
     return model
