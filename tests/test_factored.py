@@ -262,10 +262,10 @@ def float_elements(path: Path) -> int:
     ("name", "config"),
     [
         ("resnet18", {"planes": 4}),
-        ("tv:mobilenet_v2", {"planes": 4}),
+        pytest.param("tv:mobilenet_v2", {"planes": 4}, marks=pytest.mark.slow),
         ("resnet10t", {"planes": 2, "width": "expand"}),
         ("test_resnet", {"planes": 8, "mcn1": True}),
-        ("regnety_002", {"planes": 2, "grouped": True}),
+        pytest.param("regnety_002", {"planes": 2, "grouped": True}, marks=pytest.mark.slow),
     ],
 )
 def test_factored_onnx_matches_pytorch(name: str, config: dict[str, Any], tmp_path: Path) -> None:

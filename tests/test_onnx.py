@@ -106,17 +106,18 @@ def float_initializers(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
 # --------------------------------------------------------------------------------------------
 # the zoo: checker, outputs within 1e-4 of PyTorch eval, both layouts
 # --------------------------------------------------------------------------------------------
+SLOW = pytest.mark.slow  # the larger models: run by .ci/run, outside the 10-minute suite
 ZOO = [
     "resnet18",
     "resnet10t",
-    "efficientnet_b0",
-    "mobilenetv3_large_100",
-    "regnety_002",
-    "convnext_atto",
     "tv:resnet18",
-    "tv:mobilenet_v2",
-    "resnet50",
-    "densenet121",
+    pytest.param("efficientnet_b0", marks=SLOW),
+    pytest.param("mobilenetv3_large_100", marks=SLOW),
+    pytest.param("regnety_002", marks=SLOW),
+    pytest.param("convnext_atto", marks=SLOW),
+    pytest.param("tv:mobilenet_v2", marks=SLOW),
+    pytest.param("resnet50", marks=SLOW),
+    pytest.param("densenet121", marks=SLOW),
 ]
 
 
