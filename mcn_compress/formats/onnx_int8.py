@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mcn_compress.errors import ConfigError
+from mcn_compress.formats.onnx_packing import splice_weights
 from mcn_compress.formats.quantize import (
     DEFAULT_FLOAT_LAYERS,
     check_float_layers,
@@ -128,16 +129,14 @@ def store_float_layers(
         for index, name in enumerate(node.input):
             uses.setdefault(name, []).append((node, index))
     taken = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
-    kept, added, nodes, rewritten = [], [], [], []
+    added, nodes, rewritten = [], [], []
     found: set[int] = set()
     for init in graph.initializer:
         if init.data_type != TensorProto.FLOAT or tuple(init.dims) not in shapes:
-            kept.append(init)
             continue
         array = numpy_helper.to_array(init)
         match = _layout_axis(array, by_shape)
         if match is None or not uses.get(init.name):
-            kept.append(init)
             continue
         layout, hit = match
         found.update(i for i, w in enumerate(weights) if np.array_equal(w, weights[hit]))
@@ -172,14 +171,7 @@ def store_float_layers(
             len(weights) - len(found),
             len(weights),
         )
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
-    all_nodes = nodes + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(all_nodes)
-    inputs = [i for i in graph.input if i.name not in set(rewritten)]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    splice_weights(graph, set(rewritten), added, nodes)
     _logger.info("stored %d float layer weights as %s", len(rewritten), float_layers)
     return rewritten
 

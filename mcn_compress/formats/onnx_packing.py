@@ -199,13 +199,21 @@ def pack_graph(proto: Any, layers: list[PackedLayer], opset: int) -> list[str]:
         replaced.add(target)
         builder.unpack(layer, target)
 
+    splice_weights(graph, replaced, builder.initializers, builder.nodes)
+    return packed
+
+
+def splice_weights(
+    graph: Any, replaced: set[str], initializers: Sequence[Any], nodes: Sequence[Any]
+) -> None:
+    """Drop the initializers (and graph inputs) named in ``replaced``, add ``initializers``,
+    and put ``nodes``, which now compute those names, in front of the graph's nodes."""
     kept = [init for init in graph.initializer if init.name not in replaced]
     del graph.initializer[:]
-    graph.initializer.extend(kept + builder.initializers)
-    nodes = builder.nodes + list(graph.node)
+    graph.initializer.extend([*kept, *initializers])
+    all_nodes = [*nodes, *graph.node]
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(all_nodes)
     graph_inputs = [i for i in graph.input if i.name not in replaced]
     del graph.input[:]
     graph.input.extend(graph_inputs)
-    return packed

@@ -174,10 +174,9 @@ def torch_export(
     exporter that made it (``"dynamo"`` or ``"torchscript"``).
 
     ``exporter``: ``"dynamo"``, ``"torchscript"`` or ``"auto"`` (dynamo, and the TorchScript
-    exporter when dynamo fails, with a log line); see the module docstring.
+    exporter when dynamo fails, with a log line); see the module docstring. The caller checks
+    it (`mcn_compress.formats.onnx` raises `ConfigError` for any other value).
     """
-    if exporter not in EXPORTERS:
-        raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if exporter != "torchscript":
         try:
             return _dynamo_export(model, example, opset, dynamic_batch), "dynamo"
