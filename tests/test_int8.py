@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from onnx_helpers import ort_run, rel_norm
 from safetensors import safe_open
 from torch import nn
 from typer.testing import CliRunner
@@ -35,7 +36,7 @@ from mcn_compress import (
 from mcn_compress.cli import app
 from mcn_compress.formats.quantize import dequantize_int8, quantize_int8
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 
 SLACK = 16 * 1024
 MB = 1_100_000  # the "1.1 MB" in decimal bytes (10^6), the stricter reading of "MB"
@@ -100,17 +101,6 @@ def independent_minimum(model: nn.Module, mode: str) -> int:
 def header(path: Path) -> dict[str, str]:
     with safe_open(str(path), "pt") as f:
         return dict(f.metadata())
-
-
-def rel_norm(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-
-
-def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,11 +8,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from onnx_helpers import ort_run, rel_norm
 from torch import nn
 from typer.testing import CliRunner
 
@@ -20,16 +19,6 @@ from mcn_compress import MCNConfig, convert, export_onnx, load_float_model, save
 from mcn_compress.cli import app
 from mcn_compress.errors import ConfigError, ExportError
 from mcn_compress.nn.mcconv import MCConv2d
-
-
-def run(path: Path, x: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-
-
-def rel_error(got: np.ndarray, ref: torch.Tensor) -> float:
-    want = ref.detach().numpy()
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 class Recorder:
@@ -125,7 +114,7 @@ def test_fallback_to_torchscript_with_a_log_line(
     lines = [r.getMessage() for r in caplog.records if "TorchScript exporter" in r.getMessage()]
     assert len(lines) == 1 and "torch.export-based" in lines[0]
     with torch.no_grad():
-        assert rel_error(run(result.path, x), model(x)) <= 1e-4
+        assert rel_norm(ort_run(result.path, x), model(x)) <= 1e-4
     with pytest.raises(ExportError, match=r"torch\.export-based ONNX exporter cannot export"):
         export_onnx(model, tmp_path / "d.onnx", input_size=16, exporter="dynamo")
     assert not (tmp_path / "d.onnx").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from onnx_helpers import rel_norm
 from torch import nn
 
 from mcn_compress import MCNConfig, convert, export_onnx, load_float_model
@@ -15,10 +16,6 @@ from mcn_compress import MCNConfig, convert, export_onnx, load_float_model
 ov = pytest.importorskip("openvino")
 
 REL_TOL = 1e-4
-
-
-def rel_error(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def openvino_run(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -52,5 +49,5 @@ def test_packed_onnx_runs_in_openvino_at_f32(
     )
     if compute == "factored":
         assert result.factored_layers  # the factored graph, not a dense one under its name
-    error = rel_error(openvino_run(path, x), want)
+    error = rel_norm(openvino_run(path, x), want)
     assert error <= REL_TOL, f"{name} {compute}: relative error {error:.2e} in OpenVINO"
