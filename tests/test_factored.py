@@ -35,6 +35,7 @@ from mcn_compress import (
     save,
 )
 from mcn_compress.cli import app
+from mcn_compress.formats import onnx_factored
 from mcn_compress.formats.onnx_factored import choose_onnx_mode
 from mcn_compress.passes.factored import MODES, choose_mode, geometry
 
@@ -256,6 +257,35 @@ def float_elements(path: Path) -> int:
         for init in proto.graph.initializer
         if init.data_type == onnx.TensorProto.FLOAT
     )
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_every_onnx_form_matches_the_dense_conv(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each ONNX form of one random layer (stride, dilation, padding, groups, bias, K, MCNs-1)
+    against the loop-built dense conv. The TorchScript exporter keeps it fast:
+    the rewrite reads only the Conv nodes, which both exporters emit (it writes ``auto_pad``
+    where the default exporter writes ``pads``; the zoo tests below use the default one)."""
+    torch.manual_seed(seed)
+    layer, (hi, wi) = random_layer(random.Random(seed))
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(2, layer.in_channels, hi, wi)
+    with torch.no_grad():
+        ref = dense_reference(layer, x).numpy()
+    geo = geometry(layer, (hi, wi))
+    forms = ["cols"] + (["grid"] if layer.groups == 1 else []) if geo.full_m else ["scale"]
+    for form in forms:
+        monkeypatch.setattr(onnx_factored, "choose_onnx_mode", lambda _, form=form: form)
+        path = tmp_path / f"{form}.onnx"
+        options = {"input_size": (hi, wi), "dynamic_batch": True, "exporter": "torchscript"}
+        result = export_onnx(model, path, compute="auto", **options)
+        assert len(result.factored_layers) == 1, (form, layer)
+        ops = {node.op_type for node in onnx.load(path).graph.node}
+        assert "Conv" in ops or "MatMul" in ops
+        sess = session(path)
+        error = rel_error(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref)
+        assert error <= ONNX_TOL, f"{form}: relative error {error:.2e} ({layer})"
 
 
 @pytest.mark.parametrize(

@@ -69,18 +69,34 @@ def _geometry(
     h, cin, kh, kw = layer.latent_shape
     k = layer.mfilter.shape[0]
     groups = int(attrs.get("group", 1))
-    pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
+    stride = tuple(int(v) for v in attrs.get("strides", [1, 1]))
+    dilation = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
+    input_hw = (in_shape[2], in_shape[3])
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # output = ceil(input / stride)
+        pads = [0, 0, 0, 0]  # top, left, bottom, right as in ONNX
+        geometry = zip(input_hw, stride, dilation, (kh, kw), strict=True)
+        for axis, (size, s, d, kernel) in enumerate(geometry):
+            total = max((-(-size // s) - 1) * s + (kernel - 1) * d + 1 - size, 0)
+            small = total // 2
+            pads[axis], pads[axis + 2] = (
+                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+            )
+    else:  # NOTSET (explicit pads) or VALID
+        pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])] if auto_pad == "NOTSET" else []
+        pads = pads or [0, 0, 0, 0]
     return LayerGeometry(
         in_channels=cin * groups,
         out_channels=h * k,
         kernel=(kh, kw),
-        stride=tuple(int(v) for v in attrs.get("strides", [1, 1])),  # type: ignore[arg-type]
-        dilation=tuple(int(v) for v in attrs.get("dilations", [1, 1])),  # type: ignore[arg-type]
+        stride=stride,  # type: ignore[arg-type]
+        dilation=dilation,  # type: ignore[arg-type]
         pads=(pads[0], pads[2], pads[1], pads[3]),
         groups=groups,
         planes=k,
         full_m=layer.mfilter.shape[1:] != (1, 1) and (kh, kw) != (1, 1),
-        input_hw=(in_shape[2], in_shape[3]),
+        input_hw=input_hw,
     )
 
 
