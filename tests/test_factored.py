@@ -259,14 +259,17 @@ def float_elements(path: Path) -> int:
     )
 
 
+@pytest.mark.parametrize("matmul", [False, True], ids=["conv-windows", "matmul-windows"])
 @pytest.mark.parametrize("seed", range(40))
 def test_every_onnx_form_matches_the_dense_conv(
-    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    seed: int, matmul: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each ONNX form of one random layer (stride, dilation, padding, groups, bias, K, MCNs-1)
-    against the loop-built dense conv. The TorchScript exporter keeps it fast:
-    the rewrite reads only the Conv nodes, which both exporters emit (it writes ``auto_pad``
-    where the default exporter writes ``pads``; the zoo tests below use the default one)."""
+    against the loop-built dense conv; ``matmul``: ``cols`` convolves its windows by MatMul
+    (large maps) instead of a 1x1 Conv (small maps, strided windows via SpaceToDepth). The
+    TorchScript exporter keeps it fast: the rewrite reads only the Conv nodes, which both
+    exporters emit (it writes ``auto_pad`` where the default exporter writes ``pads``; the zoo
+    tests below use the default one)."""
     torch.manual_seed(seed)
     layer, (hi, wi) = random_layer(random.Random(seed))
     model = nn.Sequential(layer).eval()
@@ -275,6 +278,8 @@ def test_every_onnx_form_matches_the_dense_conv(
         ref = dense_reference(layer, x).numpy()
     geo = geometry(layer, (hi, wi))
     forms = ["cols"] + (["grid"] if layer.groups == 1 else []) if geo.full_m else ["scale"]
+    if matmul:
+        monkeypatch.setattr(onnx_factored, "ONNX_CONV_MAX_PIXELS", 0)
     for form in forms:
         monkeypatch.setattr(onnx_factored, "choose_onnx_mode", lambda _, form=form: form)
         path = tmp_path / f"{form}.onnx"
@@ -286,6 +291,22 @@ def test_every_onnx_form_matches_the_dense_conv(
         sess = session(path)
         error = rel_error(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref)
         assert error <= ONNX_TOL, f"{form}: relative error {error:.2e} ({layer})"
+
+
+def test_strided_windows_use_space_to_depth(tmp_path: Path) -> None:
+    """A stride-2 3x3 conv at a small map reads its windows from one SpaceToDepth, and the
+    stride-1 window that is the input itself is not sliced."""
+    layers = {
+        2: MCConv2d(32, 64, 3, stride=2, padding=1, planes=2),
+        1: MCConv2d(32, 64, 3, stride=1, padding=1, planes=2),
+    }
+    for stride, layer in layers.items():
+        path = tmp_path / f"s{stride}.onnx"
+        export_onnx(nn.Sequential(layer.eval()), path, compute="factored", input_size=15)
+        ops = [node.op_type for node in onnx.load(path).graph.node]
+        assert ops.count("SpaceToDepth") == (1 if stride == 2 else 0)
+        assert ops.count("Slice") == (9 if stride == 2 else 8)
+        assert ops.count("Conv") == 10  # 9 positions + the combination
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,16 @@ Per layer, with ``S`` the ±1 filters decoded from the uint8 bits (`GraphBuilder
 ``A[h, j, p] = s[h*K + j] * M[j, p]`` (s: the folded BatchNorm scale, else 1; computed from
 initializers, so onnxruntime constant-folds it with the decoding at session creation):
 
-- ``scale`` (1x1 or MCNs-1): ``Conv(x, S)`` -> Reshape (N, H, 1, L) -> Mul A (H, K, 1)
-  -> Add bias -> Reshape (N, out, Ho, Wo).
-- ``cols``: Pad -> per kernel position p a strided ``Slice`` of the input and a 1x1
-  ``Conv`` with ``S[:, :, p]`` -> Reshape (N, H, 1, L) -> Concat over p -> MatMul A
-  (H, K, P) x (N, H, P, L) -> Add bias -> Reshape.
-- ``grid`` (groups 1): Pad -> one 1x1 ``Conv`` to P*H channels over the padded grid -> per p a
-  strided ``Slice`` of its H channels -> Reshape, Concat, MatMul, Add, Reshape as above.
+- ``scale`` (1x1 or MCNs-1): ``Conv(x, S)`` (a ``MatMul`` for an unstrided, unpadded 1x1)
+  -> Reshape (N, H, 1, L) -> the combination (below) with one position.
+- ``cols``: per kernel position p a window of the zero-padded input (`_Windows`: one
+  ``Slice`` each; the stride-1 window that is the input itself is not copied; stride s with
+  dilation 1 slices the s*s phases of one ``SpaceToDepth``), convolved with ``S[:, :, p]``
+  by a 1x1 ``Conv`` (outputs up to ``ONNX_CONV_MAX_PIXELS``; onnxruntime runs it in its
+  blocked layout) or a ``MatMul`` (larger maps) -> Reshape (N, H, 1, L) -> Concat over p ->
+  the combination as a 1x1 ``Conv`` with ``group = H`` (weight A, bias) -> (N, out, Ho, Wo).
+- ``grid`` (groups 1): Pad -> one ``MatMul`` to P*H channels over the padded grid -> per p a
+  strided ``Slice`` of its H channels -> Reshape, Concat and the combination as above.
 - ``dense``: the packed layout's rebuilt Q and the original ``Conv`` (`pack_graph`).
 
 Spatial sizes come from ONNX shape inference of the exported graph (the batch may be symbolic).
@@ -118,9 +121,12 @@ class _Factorer:
         scale = self.b.tensor(f"{prefix}.scale", layer.scale.astype(np.float32).reshape(h, k, 1))
         return self.b.node("Mul", [scale, mfilter], f"{prefix}.combine")
 
-    def pad(self, x: str, geo: LayerGeometry, prefix: str) -> str:
-        top, bottom, left, right = geo.pads
-        if not any(geo.pads):
+    def pad(
+        self, x: str, geo: LayerGeometry, prefix: str, pads: tuple[int, ...] | None = None
+    ) -> str:
+        """``x`` zero-padded by ``pads`` (top, bottom, left, right; default the layer's)."""
+        top, bottom, left, right = pads = pads or geo.pads
+        if not any(pads):
             return x
         pads = self.b.constant(
             f"mcn.pads.{top}.{left}.{bottom}.{right}",
@@ -168,21 +174,21 @@ class _Factorer:
             weight = self.b.node("Reshape", [signs, self.b.shape([h, cin, kh, kw])], f"{p}.B")
             conv = _conv_attrs(geo, kernel=(kh, kw))
             z = self.b.node("Conv", [x, weight], f"{p}.z", **conv, pads=_onnx_pads(geo.pads))
-            z4 = self.b.node("Reshape", [z, self.b.shape([0, h, 1, pixels])], f"{p}.z4")
-        elif mode == "scale":  # 1x1: a MatMul of (g, H_g, cin) by the (strided) input
+        elif mode == "scale" and (geo.stride != (1, 1) or any(geo.pads)):  # strided 1x1
+            weight = self.b.node("Reshape", [signs, self.b.shape([h, cin, 1, 1])], f"{p}.B")
+            conv = _conv_attrs(geo, kernel=(1, 1))
+            z = self.b.node("Conv", [x, weight], f"{p}.z", **conv, pads=_onnx_pads(geo.pads))
+        elif mode == "scale":  # 1x1: a MatMul of (g, H_g, cin) by the input
             weight = self.b.node("Reshape", [signs, self.b.shape([g, h // g, cin])], f"{p}.B")
-            xs = self.pad(x, geo, p)
-            if geo.stride != (1, 1):
-                xs = self.window(xs, geo, 0, 0, f"{p}.xs", None)
-            z = self.matmul(weight, xs, g, cin, pixels, f"{p}.z")
-            z4 = self.b.node("Reshape", [z, self.b.shape([0, h, 1, pixels])], f"{p}.z4")
+            z = self.matmul(weight, x, g, cin, pixels, f"{p}.z")
         if mode == "scale":
+            z4 = self.b.node("Reshape", [z, self.b.shape([0, h, 1, pixels])], f"{p}.z4")
             self.combine(z4, self.combination(layer, p, 1), 1, bias, layer, out_hw, output, p)
             return signs
         transposed = self.b.node("Transpose", [signs], f"{p}.Bt", perm=[3, 4, 0, 1, 2])
-        xp = self.pad(x, geo, p)
         parts = []
         if mode == "grid":
+            xp = self.pad(x, geo, p)
             hp, wp = geo.padded_hw
             weight = self.b.node(
                 "Reshape", [transposed, self.b.shape([1, positions * h, cin])], f"{p}.Bg"
@@ -190,18 +196,27 @@ class _Factorer:
             flat = self.matmul(weight, xp, 1, cin, hp * wp, f"{p}.zflat")
             z = self.b.node("Reshape", [flat, self.b.shape([0, positions * h, hp, wp])], f"{p}.zg")
         else:
+            windows = _Windows(self, x, geo, p)
             per_position = self.b.node(
-                "Reshape", [transposed, self.b.shape([positions, g, h // g, cin])], f"{p}.Bp"
+                "Reshape", [transposed, self.b.shape([positions, h, cin, 1, 1])], f"{p}.Bp"
             )
         for index in range(positions):
             a, c = divmod(index, kw)
             if mode == "grid":
                 zp = self.window(z, geo, a, c, f"{p}.z{index}", (index * h, (index + 1) * h))
             else:
-                xw = self.window(xp, geo, a, c, f"{p}.x{index}", None)
+                xw = windows.at(a, c, f"{p}.x{index}")
                 idx = self.b.constant(f"mcn.index.{index}", np.array(index, dtype=np.int64))
                 wp_ = self.b.node("Gather", [per_position, idx], f"{p}.B{index}", axis=0)
-                zp = self.matmul(wp_, xw, g, cin, pixels, f"{p}.z{index}")
+                if pixels <= ONNX_CONV_MAX_PIXELS:
+                    zp = self.b.node(
+                        "Conv", [xw, wp_], f"{p}.z{index}", kernel_shape=[1, 1], group=g
+                    )
+                else:
+                    wm = self.b.node(
+                        "Reshape", [wp_, self.b.shape([g, h // g, cin])], f"{p}.B{index}m"
+                    )
+                    zp = self.matmul(wm, xw, g, cin, pixels, f"{p}.z{index}")
             parts.append(
                 self.b.node("Reshape", [zp, self.b.shape([0, h, 1, pixels])], f"{p}.r{index}")
             )
@@ -237,6 +252,57 @@ class _Factorer:
         return self.b.node("MatMul", [weight, view], name)
 
 
+class _Windows:
+    """The ``kh*kw`` shifted, strided windows of a layer's zero-padded input that ``cols``
+    convolves (window ``(a, c)``: ``x_pad[:, a*d + s*i, c*d + s*j]``), each made by one
+    ``Slice``; the padded input (or its `SpaceToDepth`) is built on first use. Stride 1: the
+    window that is the unpadded input itself is not copied. Stride s in both axes, dilation 1:
+    the padded input is rearranged once by ``SpaceToDepth(s)``, so every window is a
+    contiguous slice of one of its s*s phases (a strided Slice copies element by element)."""
+
+    def __init__(self, factorer: _Factorer, x: str, geo: LayerGeometry, prefix: str) -> None:
+        self.f, self.x, self.geo, self.prefix = factorer, x, geo, prefix
+        s = geo.stride[0]
+        self.block = s if s > 1 and geo.stride == (s, s) and geo.dilation == (1, 1) else 1
+        self._source: str | None = None
+
+    def source(self) -> str:
+        if self._source is None:
+            geo, s = self.geo, self.block
+            if s == 1:
+                self._source = self.f.pad(self.x, geo, self.prefix)
+            else:
+                hp, wp = geo.padded_hw
+                top, bottom, left, right = geo.pads
+                pads = (top, bottom + (-hp) % s, left, right + (-wp) % s)
+                padded = self.f.pad(self.x, geo, self.prefix, pads)
+                self._source = self.f.b.node(
+                    "SpaceToDepth", [padded], f"{self.prefix}.s2d", blocksize=s
+                )
+        return self._source
+
+    def at(self, a: int, c: int, name: str) -> str:
+        geo = self.geo
+        (dh, dw), (top, _, left, _) = geo.dilation, geo.pads
+        if geo.stride == (1, 1) and (a * dh, c * dw) == (top, left):
+            if geo.output_hw == geo.input_hw:
+                return self.x
+        if self.block == 1:
+            return self.f.window(self.source(), geo, a, c, name, None)
+        s, (ho, wo), channels = self.block, geo.output_hw, geo.in_channels
+        phase = (a % s) * s + c % s
+        starts = [phase * channels, a // s, c // s]
+        ends = [(phase + 1) * channels, a // s + ho, c // s + wo]
+        args = [self.source()]
+        for key, values in (("starts", starts), ("ends", ends), ("axes", [1, 2, 3])):
+            text = ".".join(str(v) for v in values)
+            args.append(self.f.b.constant(f"mcn.slice.{key}.{text}", np.array(values, np.int64)))
+        return self.f.b.node("Slice", args, name)
+
+
+# cols: a 1x1 Conv per position up to 32x32 output pixels, else MatMul (onnxruntime, 1 thread:
+# the Conv was 0.6-0.9x the MatMul's time at 7x7 to 28x28 maps and 1.1x at 56x56)
+ONNX_CONV_MAX_PIXELS = 1024
 ONNX_MIN_SAVED_MACS = 8_000_000  # per image; fitted to onnxruntime 1-thread CPU timings
 
 
