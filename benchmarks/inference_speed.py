@@ -5,8 +5,10 @@ Engines per row: PyTorch eager (float model in eval mode; MCN model in eval mode
 convolves with the cached dense Q; `optimize_for_inference`, factored where the rule says so,
 BatchNorm folded) and onnxruntime (float model exported as ONNX; MCN ``--compute dense``; MCN
 ``--compute auto``, the export default). Every ratio compares runs of one process, interleaved
-in ``--rounds`` rounds of ``--runs`` runs each after warm-up, as medians. "MACs f/d" is the conv
-MACs of the factored model over the dense one's (converted convs only; float convs equal).
+in ``--rounds`` rounds of ``--runs`` runs each after warm-up, as medians; "f/d per round" is the
+range of the factored / dense ratio over the rounds (each round's medians), to show the
+noise. "MACs f/d" is the conv MACs of the factored model over the dense one's (converted
+convs only; float convs equal).
 
 Models use ``pretrained=False`` (no network). timm's random init zeroes the last BatchNorm scale
 of every residual block (``zero_init_last``); those scales are set to 1 so that no conv weight
@@ -70,19 +72,26 @@ def _session(path: Path, threads: int) -> Callable[[np.ndarray], object]:
 
 def _interleaved(
     calls: dict[str, Callable[[], object]], runs: int, rounds: int, warmup: int
-) -> dict[str, float]:
-    """Median seconds per call, the calls interleaved round by round."""
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds per call over all runs, and per round, the calls interleaved round by
+    round."""
     for call in calls.values():
         for _ in range(warmup):
             call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times: dict[str, list[list[float]]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
+            this_round = []
             for _ in range(runs):
                 start = time.perf_counter()
                 call()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+                this_round.append(time.perf_counter() - start)
+            times[name].append(this_round)
+    medians = {
+        name: statistics.median(t for r in rounds_ for t in r) for name, rounds_ in times.items()
+    }
+    per_round = {name: [statistics.median(r) for r in rounds_] for name, rounds_ in times.items()}
+    return medians, per_round
 
 
 def _rel_error(got: np.ndarray, ref: np.ndarray) -> float:
@@ -135,9 +144,15 @@ def measure(
             "eager factored": eager(fast),
         }
         calls |= {f"ort {key}": (lambda s=sess, xn=xn: s(xn)) for key, sess in sessions.items()}
-        med = _interleaved(calls, args.runs, args.rounds, args.warmup)
+        med, per_round = _interleaved(calls, args.runs, args.rounds, args.warmup)
         for engine in ("eager", "ort"):
             f, d, q = (med[f"{engine} {k}"] * 1e3 for k in ("float", "dense", "factored"))
+            ratios = [
+                fq / fd
+                for fq, fd in zip(
+                    per_round[f"{engine} factored"], per_round[f"{engine} dense"], strict=True
+                )
+            ]
             rows.append(
                 [
                     name,
@@ -148,6 +163,7 @@ def measure(
                     f"{d:.2f}",
                     f"{q:.2f}",
                     f"**{q / d:.3f}**",
+                    f"{min(ratios):.3f}-{max(ratios):.3f}",
                     f"{d / f:.3f}",
                     f"{q / f:.3f}",
                     f"{macs:.3f}",
@@ -182,6 +198,7 @@ def main() -> None:
         "dense ms",
         "factored ms",
         "factored / dense",
+        "f/d per round",
         "dense / float",
         "factored / float",
         "MACs f/d",
