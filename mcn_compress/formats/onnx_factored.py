@@ -143,8 +143,12 @@ class _Factorer:
         starts, ends, axes, steps = [a * dh, c * dw], [end_h, end_w], [2, 3], [sh, sw]
         if ch is not None:
             starts, ends, axes, steps = [ch[0], *starts], [ch[1], *ends], [1, *axes], [1, *steps]
+        return self.slice(t, name, starts=starts, ends=ends, axes=axes, steps=steps)
+
+    def slice(self, t: str, name: str, **bounds: list[int]) -> str:
+        """``Slice(t, starts, ends, axes[, steps])`` with the bounds as shared constants."""
         args = [t]
-        for key, values in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps)):
+        for key, values in bounds.items():
             text = ".".join(str(v) for v in values)
             args.append(self.b.constant(f"mcn.slice.{key}.{text}", np.array(values, np.int64)))
         return self.b.node("Slice", args, name)
@@ -170,13 +174,10 @@ class _Factorer:
         p = prefix
         g = geo.groups
         signs = signs or self.b.signs_of(layer, p)  # (H, 1, cin, kh, kw)
-        if mode == "scale" and (kh, kw) != (1, 1):  # MCNs-1 with a kh x kw kernel
+        if mode == "scale" and ((kh, kw) != (1, 1) or geo.stride != (1, 1) or any(geo.pads)):
+            # MCNs-1 with a kh x kw kernel, or a strided / padded 1x1: one Conv with H filters
             weight = self.b.node("Reshape", [signs, self.b.shape([h, cin, kh, kw])], f"{p}.B")
             conv = _conv_attrs(geo, kernel=(kh, kw))
-            z = self.b.node("Conv", [x, weight], f"{p}.z", **conv, pads=_onnx_pads(geo.pads))
-        elif mode == "scale" and (geo.stride != (1, 1) or any(geo.pads)):  # strided 1x1
-            weight = self.b.node("Reshape", [signs, self.b.shape([h, cin, 1, 1])], f"{p}.B")
-            conv = _conv_attrs(geo, kernel=(1, 1))
             z = self.b.node("Conv", [x, weight], f"{p}.z", **conv, pads=_onnx_pads(geo.pads))
         elif mode == "scale":  # 1x1: a MatMul of (g, H_g, cin) by the input
             weight = self.b.node("Reshape", [signs, self.b.shape([g, h // g, cin])], f"{p}.B")
@@ -284,20 +285,16 @@ class _Windows:
     def at(self, a: int, c: int, name: str) -> str:
         geo = self.geo
         (dh, dw), (top, _, left, _) = geo.dilation, geo.pads
-        if geo.stride == (1, 1) and (a * dh, c * dw) == (top, left):
-            if geo.output_hw == geo.input_hw:
-                return self.x
+        unshifted = geo.stride == (1, 1) and (a * dh, c * dw) == (top, left)
+        if unshifted and geo.output_hw == geo.input_hw:
+            return self.x
         if self.block == 1:
             return self.f.window(self.source(), geo, a, c, name, None)
         s, (ho, wo), channels = self.block, geo.output_hw, geo.in_channels
         phase = (a % s) * s + c % s
         starts = [phase * channels, a // s, c // s]
         ends = [(phase + 1) * channels, a // s + ho, c // s + wo]
-        args = [self.source()]
-        for key, values in (("starts", starts), ("ends", ends), ("axes", [1, 2, 3])):
-            text = ".".join(str(v) for v in values)
-            args.append(self.f.b.constant(f"mcn.slice.{key}.{text}", np.array(values, np.int64)))
-        return self.f.b.node("Slice", args, name)
+        return self.f.slice(self.source(), name, starts=starts, ends=ends, axes=[1, 2, 3])
 
 
 # cols: a 1x1 Conv per position up to 32x32 output pixels, else MatMul (onnxruntime, 1 thread:
