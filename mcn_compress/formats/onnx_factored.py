@@ -79,16 +79,17 @@ def _geometry(
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # output = ceil(input / stride)
         pads = [0, 0, 0, 0]  # top, left, bottom, right as in ONNX
-        geometry = zip(input_hw, stride, dilation, (kh, kw), strict=True)
-        for axis, (size, s, d, kernel) in enumerate(geometry):
+        axes = zip(input_hw, stride, dilation, (kh, kw), strict=True)
+        for axis, (size, s, d, kernel) in enumerate(axes):
             total = max((-(-size // s) - 1) * s + (kernel - 1) * d + 1 - size, 0)
             small = total // 2
             pads[axis], pads[axis + 2] = (
                 (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
             )
-    else:  # NOTSET (explicit pads) or VALID
-        pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])] if auto_pad == "NOTSET" else []
-        pads = pads or [0, 0, 0, 0]
+    elif auto_pad == "NOTSET":  # explicit pads
+        pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
+    else:  # VALID
+        pads = [0, 0, 0, 0]
     return LayerGeometry(
         in_channels=cin * groups,
         out_channels=h * k,
