@@ -13,7 +13,9 @@ convs only; float convs equal).
 Models use ``pretrained=False`` (no network). timm's random init zeroes the last BatchNorm scale
 of every residual block (``zero_init_last``); those scales are set to 1 so that no conv weight
 folds to zero (the exporter would merge equal all-zero weights). Threads: ``--threads`` (default
-1) for torch and onnxruntime's intra-op pool, for stable numbers on a shared machine.
+1) for torch and onnxruntime's intra-op pool, for stable numbers on a shared machine; the
+factored models are planned for that thread count (`optimize_for_inference(threads=)`,
+`export_onnx(threads=)`).
 
 Usage:
     python benchmarks/inference_speed.py --quick
@@ -35,7 +37,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from mcn_compress import MCNConfig, convert, export_onnx, load_float_model, optimize_for_inference
+from mcn_compress import (
+    MCNConfig,
+    convert,
+    export_onnx,
+    info_of,
+    load_float_model,
+    optimize_for_inference,
+)
 
 MODELS = {  # name -> (input size, in_chans)
     "resnet18": (224, 3),
@@ -105,9 +114,10 @@ def measure(
     torch.manual_seed(0)
     float_model = _float_model(name)
     mcn = convert(float_model, MCNConfig(**VARIANTS[variant])).eval()
-    fast = optimize_for_inference(mcn, input_size=size)
-    summary = fast.factored_summary
-    macs = summary.macs / summary.dense_macs
+    fast = optimize_for_inference(mcn, input_size=size, threads=args.threads)
+    plan = info_of(fast).plan
+    assert plan is not None
+    macs = plan.macs / plan.dense_macs
     paths = {
         "float": export_onnx(
             float_model, root / "float.onnx", weights="folded", input_size=size, dynamic_batch=True
@@ -116,7 +126,12 @@ def measure(
             mcn, root / "dense.onnx", compute="dense", input_size=size, dynamic_batch=True
         ).path,
         "factored": export_onnx(
-            mcn, root / "factored.onnx", compute="auto", input_size=size, dynamic_batch=True
+            mcn,
+            root / "factored.onnx",
+            compute="auto",
+            input_size=size,
+            dynamic_batch=True,
+            threads=args.threads,
         ).path,
     }
     sessions = {key: _session(path, args.threads) for key, path in paths.items()}

@@ -2,9 +2,10 @@
 
 One typed record on ``model.mcn_info`` instead of loose attributes: where the float
 architecture comes from (`ModelSource`, stored in every checkpoint; docs/design.md section 4),
-the `MCNConfig` and `ConversionSummary` of the conversion, the metadata read from a file and
-whether a packed file stored its float parts as float16. `info_of` reads it (an empty record
-for a model that has none), `update_info` sets fields on it.
+the `MCNConfig` and `ConversionSummary` of the conversion, the metadata read from a file,
+whether a packed file stored its float parts as float16, and the factored-compute plan.
+`info_of` reads it (an empty record for a model that has none), `update_info` sets fields on
+it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import ModelLoadError
+from mcn_compress.passes.planner import InferencePlan
 from mcn_compress.passes.summary import ConversionSummary
 
 INFO_ATTRIBUTE = "mcn_info"
@@ -100,7 +102,8 @@ class MCNInfo:
     conversion (None on a float model); ``metadata``: the checkpoint metadata of a loaded
     file (versions, parent, metrics); ``packed_float16``: loaded from a float16 packed file;
     ``packed_float_layers``: how that file stored the float layers' weights (``float32``,
-    ``float16`` or ``int8``; docs/design.md section 4.9).
+    ``float16`` or ``int8``; docs/design.md section 4.9); ``plan``: the factored-compute
+    plan of a model from `optimize_for_inference` (docs/design.md section 4.8).
     """
 
     source: ModelSource | None = None
@@ -109,6 +112,7 @@ class MCNInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     packed_float16: bool = False
     packed_float_layers: str = "float32"
+    plan: InferencePlan | None = None
 
 
 def info_of(model: nn.Module) -> MCNInfo:

@@ -11,10 +11,12 @@ where the stored float values are every float parameter and buffer other than th
 its stored dtype (4 for float32 models). A file is "within bound" when it is at most
 ``1.01 * minimum + 16 KiB``.
 
-Also here: top-1 / top-5 accuracy on a dataset's validation split (`evaluate_accuracy`, progress
-through a callback), fine-tuning run directories (`read_run`: the run's ``best.pt`` or
-``last.pt`` and its ``metrics.jsonl``) and their training curves (`plot_training_curves`,
-matplotlib being the optional ``plot`` extra). Rendering lives in `mcn_compress.cli.report`.
+Also here: conv MACs, the factored-compute costs read from the plan of
+`optimize_for_inference` (`factored_profile`, docs/design.md section 4.8), eval latency, and
+`profile_paths`, which profiles checkpoints, packed files and run folders
+(`training.run_dir.read_run`) with their float originals and, given a dataset, their top-1 /
+top-5 (`evaluate.accuracy`). Rendering lives in `mcn_compress.cli.report`; training curves in
+`mcn_compress.plot`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from mcn_compress.models import build_model, load_weights
 from mcn_compress.module_utils import resolve_input_shape
 from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
-from mcn_compress.passes.factored import factored_profile
+from mcn_compress.passes.factored import optimize_for_inference
 from mcn_compress.storage import size_bound, storage_counts
 from mcn_compress.training.run_dir import RunDir, load_run_model, read_run
 
@@ -123,7 +125,7 @@ class ModelProfile:
     top1: float | None = None
     top5: float | None = None
     conv_macs: int | None = None
-    factored: dict[str, Any] | None = None  # MCN: `passes.factored.factored_profile`
+    factored: dict[str, Any] | None = None  # MCN: `factored_profile`
     calibration_images: int | None = None  # unlabeled images calibrated on after conversion
     calibration_steps: int | None = None  # label-free distillation steps on them
     layers: list[LayerProfile] | None = field(default=None, repr=False)
@@ -335,14 +337,43 @@ def measure_latency(
     return 1000 * statistics.median(times)
 
 
-# --- accuracy -------------------------------------------------------------------------------
+def dense_conv_weight_floats(model: nn.Module) -> int:
+    """Float conv weights a runtime holds for the dense model: every float conv's weight and
+    every MCConv2d's Q, ``out * in // groups * kh * kw`` (docs/design.md section 4.8)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, MCConv2d):
+            total += module.out_channels * module.weight[0].numel()
+        elif isinstance(module, nn.Conv2d):
+            total += module.weight.numel()
+    return total
 
 
-# --- run directories ------------------------------------------------------------------------
-
-
-# --- training curves ------------------------------------------------------------------------
-TOP1_KEYS = ("train_top1", "val_top1")
+def factored_profile(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    conv_macs: int | None,
+    latency: Callable[[nn.Module], float] | None = None,
+) -> dict[str, Any]:
+    """Dense and factored costs of an MCN model for one image of ``input_shape`` (JSON-ready),
+    from the plan of `optimize_for_inference` (``info_of(fast).plan``, docs/design.md 4.8):
+    ``conv_macs`` (all convs, factored where the plan says), ``dense_weight_bytes`` and
+    ``weight_bytes`` (float32 conv weights a runtime holds), ``latency_ms`` (``latency(fast)``
+    when a timing function is given) and per-layer ``layers`` {name: `LayerPlan` dict}.
+    ``conv_macs`` is the dense model's total (`conv_macs`)."""
+    fast = optimize_for_inference(model, input_size=input_shape)
+    plan = info_of(fast).plan
+    assert plan is not None
+    dense = dense_conv_weight_floats(model)
+    return {
+        "dense_conv_macs": conv_macs,
+        "conv_macs": None if conv_macs is None else conv_macs - plan.dense_macs + plan.macs,
+        "dense_weight_bytes": 4 * dense,
+        "weight_bytes": 4 * (dense - plan.dense_weight_floats + plan.weight_floats),
+        "latency_ms": latency(fast) if latency is not None else None,
+        "threads": plan.threads,
+        "layers": {row.name: row.to_dict() for row in plan.layers},
+    }
 
 
 # --- profiles -------------------------------------------------------------------------------
@@ -408,8 +439,8 @@ def profile_model(
     )
     profile.conv_macs = conv_macs(model, resolve_input_shape(model, input_size))
     if is_mcn:  # dense vs factored MACs, weights held and latency (docs/design.md section 4.8)
-        timing = (lambda m: measure_latency(m, m.factored_summary.input_shape)) if latency else None
         shape = resolve_input_shape(model, input_size)
+        timing = (lambda m: measure_latency(m, shape)) if latency else None
         profile.factored = factored_profile(model, shape, profile.conv_macs, timing)
     conversion = info.metadata.get("conversion")  # as saved; a loaded model's summary is fresh
     if conversion is None and info.summary is not None:

@@ -1,5 +1,5 @@
-"""Tests of the factored compute (`mcn_compress.passes.factored`, `formats.onnx_factored`,
-docs/design.md section 4.8).
+"""Tests of the factored compute (`mcn_compress.passes.planner`, `passes.factored_forms`,
+`passes.factored`, `formats.onnx_factored`; docs/design.md section 4.8).
 
 References are independent of the code under test: the dense weight is rebuilt here from the
 latent C (``C >= 0`` -> +1, else -1) and M by explicit loops over (h, j), BatchNorm is applied
@@ -19,15 +19,13 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import bare_convert
 from torch import nn
 from typer.testing import CliRunner
 
 from mcn_compress import (
     ConfigError,
-    FactoredConv2d,
-    MCConv2d,
     MCNConfig,
-    convert,
     export_onnx,
     export_packed,
     load_float_model,
@@ -35,9 +33,20 @@ from mcn_compress import (
     save,
 )
 from mcn_compress.cli import app
-from mcn_compress.formats import onnx_factored
-from mcn_compress.formats.onnx_factored import choose_onnx_mode
-from mcn_compress.passes.factored import MODES, choose_mode, geometry
+from mcn_compress.formats.onnx import onnx_model
+from mcn_compress.info import info_of
+from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.passes.factored_forms import FactoredConv2d, create_factored
+from mcn_compress.passes.planner import (
+    Backend,
+    Form,
+    LayerPlan,
+    Tunables,
+    candidates,
+    choose_form,
+    layer_geometry,
+    rule_form,
+)
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -107,6 +116,16 @@ def random_layer(rng: random.Random) -> tuple[MCConv2d, tuple[int, int]]:
     return layer.eval(), (rng.randint(9, 14), rng.randint(9, 14))
 
 
+def factored(
+    layer: MCConv2d,
+    form: Form,
+    hw: tuple[int, int] = (1, 1),
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> FactoredConv2d:
+    return create_factored(layer, LayerPlan("l", layer_geometry(layer, hw), form), scale, shift)
+
+
 @pytest.mark.parametrize("seed", range(24))
 def test_every_form_matches_the_dense_conv(seed: int) -> None:
     torch.manual_seed(seed)
@@ -114,20 +133,34 @@ def test_every_form_matches_the_dense_conv(seed: int) -> None:
     x = torch.randn(2, layer.in_channels, hi, wi)
     ref = dense_reference(layer, x)
     tried = 0
-    for mode in MODES:
+    for form in Form:
         try:
-            fact = FactoredConv2d(layer, mode)
+            fact = factored(layer, form, (hi, wi))
         except ConfigError:
             continue
         tried += 1
+        assert fact.form is form
         error = rel_error(fact(x), ref)
-        assert error <= EAGER_TOL, f"{mode}: relative error {error:.2e} ({layer})"
+        assert error <= EAGER_TOL, f"{form}: relative error {error:.2e} ({layer})"
     assert tried >= 2
 
 
-@pytest.mark.parametrize("mode", ["scale", "cols", "grid", "dense"])
-def test_batchnorm_folds_exactly(mode: str) -> None:
-    kernel, mcn1 = (1, False) if mode == "scale" else (3, False)
+def test_padding_of_every_kind_matches_the_conv_output_size() -> None:
+    """The planner's padding and output size against what F.conv2d gives, for explicit,
+    "same" and "valid" padding."""
+    for padding, stride in [((1, 2), (2, 1)), ("same", 1), ("valid", 2), (0, 3)]:
+        layer = MCConv2d(8, 8, (3, 4), stride=stride, padding=padding, dilation=2, planes=2)
+        geo = layer_geometry(layer, (17, 19))
+        out = F.conv2d(torch.zeros(1, 8, 17, 19), torch.zeros(8, 8, 3, 4), None, stride, padding, 2)
+        assert geo.output_hw == tuple(out.shape[2:]), padding
+        top, bottom, left, right = geo.pads
+        if padding == "same":  # PyTorch puts the odd pixel at the end
+            assert (top, bottom, left, right) == (2, 2, 3, 3)
+
+
+@pytest.mark.parametrize("form", ["scale", "cols", "grid", "dense"])
+def test_batchnorm_folds_exactly(form: str) -> None:
+    kernel, mcn1 = (1, False) if form == "scale" else (3, False)
     layer = MCConv2d(8, 16, kernel, padding=kernel // 2, planes=4, mcn1=mcn1).eval()
     bn = nn.BatchNorm2d(16).eval()
     with torch.no_grad():
@@ -142,33 +175,40 @@ def test_batchnorm_folds_exactly(mode: str) -> None:
     ref = ref * bn.weight.view(shape) + bn.bias.view(shape)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    assert rel_error(FactoredConv2d(layer, mode, scale, shift)(x).detach(), ref.detach()) <= 1e-5
+    fact = factored(layer, Form(form), (10, 10), scale, shift)
+    assert rel_error(fact(x).detach(), ref.detach()) <= 1e-5
 
 
 def test_a_wrong_combination_is_detected() -> None:
     """The reference can fail: a factored layer with M's planes swapped is far off."""
     layer = MCConv2d(8, 8, 3, padding=1, planes=2).eval()
     x = torch.randn(1, 8, 9, 9)
-    fact = FactoredConv2d(layer, "cols")
+    fact = factored(layer, Form.COLS, (9, 9))
     fact.combine.copy_(fact.combine.flip(1))
     assert rel_error(fact(x), dense_reference(layer, x)) > 1e-2
 
 
 def test_rule_and_macs() -> None:
-    one = geometry(MCConv2d(64, 256, 1, planes=4), (56, 56))
-    assert choose_mode(one) == "scale"
-    assert one.macs("scale") == 64 * 64 * 56 * 56 + 256 * 56 * 56
-    assert one.macs("dense") == 256 * 64 * 56 * 56
-    big = geometry(MCConv2d(64, 64, 3, padding=1, planes=4), (56, 56))
-    assert choose_mode(big) == "grid"
-    assert big.macs("cols") == 16 * 64 * 9 * 56 * 56 + 64 * 9 * 56 * 56
-    strided = geometry(MCConv2d(64, 128, 3, stride=2, padding=1, planes=4), (56, 56))
-    assert choose_mode(strided) == "cols" and strided.output_hw == (28, 28)
-    assert choose_mode(geometry(MCConv2d(8, 8, 3, padding=1, planes=4), (56, 56))) == "dense"
-    # onnxruntime: layers that save under 8M MACs per image stay dense
-    assert choose_onnx_mode(big) == "grid"
-    small = geometry(MCConv2d(64, 64, 3, padding=1, planes=4), (14, 14))
-    assert choose_mode(small) == "grid" and choose_onnx_mode(small) == "dense"
+    one = layer_geometry(MCConv2d(64, 256, 1, planes=4), (56, 56))
+    assert rule_form(one) is Form.SCALE
+    assert one.macs(Form.SCALE) == 64 * 64 * 56 * 56 + 256 * 56 * 56
+    assert one.macs(Form.DENSE) == 256 * 64 * 56 * 56
+    big = layer_geometry(MCConv2d(64, 64, 3, padding=1, planes=4), (56, 56))
+    assert rule_form(big) is Form.GRID
+    assert big.macs(Form.COLS) == 16 * 64 * 9 * 56 * 56 + 64 * 9 * 56 * 56
+    strided = layer_geometry(MCConv2d(64, 128, 3, stride=2, padding=1, planes=4), (56, 56))
+    assert rule_form(strided) is Form.COLS and strided.output_hw == (28, 28)
+    tiny = layer_geometry(MCConv2d(8, 8, 3, padding=1, planes=4), (56, 56))
+    assert rule_form(tiny) is Form.DENSE
+    # onnxruntime: layers that save under the thread count's threshold stay dense
+    tunables = Tunables(onnx_min_saved_macs=(8_000_000, 90_000_000))
+    ort_form = lambda geo, threads: choose_form(geo, Backend.ONNXRUNTIME, threads, tunables)  # noqa: E731
+    saved = big.macs(Form.DENSE) - big.macs(Form.GRID)
+    assert 8_000_000 <= saved < 90_000_000
+    assert ort_form(big, 1) is Form.GRID and ort_form(big, 2) is Form.DENSE
+    assert ort_form(big, 16) is Form.DENSE  # more threads than the table: its last entry
+    small = layer_geometry(MCConv2d(64, 64, 3, padding=1, planes=4), (14, 14))
+    assert rule_form(small) is Form.GRID and ort_form(small, 1) is Form.DENSE
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +232,7 @@ def scramble(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def mcn(name: str, **config: Any) -> nn.Module:
     torch.manual_seed(0)
-    model = convert(load_float_model(name, pretrained=False), MCNConfig(**config), initialize=False)
-    return scramble(model)
+    return scramble(bare_convert(load_float_model(name, pretrained=False), MCNConfig(**config)))
 
 
 @pytest.mark.parametrize(
@@ -210,32 +249,48 @@ def test_optimized_model_matches_dense_eval(name: str, config: dict[str, Any]) -
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
-    fast = optimize_for_inference(model, input_size=64)
+    fast = optimize_for_inference(model, input_size=64, threads=1)
     with torch.no_grad():
         got = fast(x)
     assert rel_error(got, ref) <= EAGER_TOL
     layers = [n for n, m in model.named_modules() if isinstance(m, MCConv2d)]
-    summary = fast.factored_summary
-    assert [row.name for row in summary.layers] == layers
+    plan = info_of(fast).plan
+    assert plan is not None and plan.threads == 1 and plan.backend is Backend.TORCH
+    assert [row.name for row in plan.layers] == layers
     assert not any(isinstance(m, MCConv2d) for m in fast.modules())
-    assert any(row.folded_batchnorm for row in summary.layers)
-    assert summary.macs < summary.dense_macs
+    assert not hasattr(fast, "factored_summary")
+    assert any(row.folded_batchnorm for row in plan.layers)
+    assert plan.macs < plan.dense_macs
+    modules = dict(fast.named_modules())
+    assert all(modules[row.name].form is row.form for row in plan.layers)
     assert any(isinstance(m, MCConv2d) for m in model.modules())  # the input is unchanged
 
 
-def test_optimize_choices() -> None:
+def test_optimize_compute_choices() -> None:
     model = mcn("test_resnet", planes=2)
     x = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
         ref = model(x)
-    for choose in ("time", "dense", "factored"):
-        fast = optimize_for_inference(model, choose=choose, input_size=48, repeats=1)
+    for compute in ("time", "dense", "factored"):
+        fast = optimize_for_inference(model, compute=compute, input_size=48, repeats=1)
         with torch.no_grad():
-            assert rel_error(fast(x), ref) <= EAGER_TOL, choose
-        modes = {row.mode for row in fast.factored_summary.layers}
-        assert modes == {"dense"} if choose == "dense" else "dense" not in modes or choose == "time"
-    with pytest.raises(ConfigError):
-        optimize_for_inference(model, choose="fast")
+            assert rel_error(fast(x), ref) <= EAGER_TOL, compute
+        plan = info_of(fast).plan
+        assert plan is not None and plan.compute.value == compute
+        forms = {row.form for row in plan.layers}
+        if compute == "dense":
+            assert forms == {Form.DENSE}
+        elif compute == "factored":
+            assert Form.DENSE not in forms
+        else:  # every layer timed dense and each candidate, and kept the fastest
+            for row in plan.layers:
+                assert row.times_ms is not None
+                wanted = {f.value for f in [Form.DENSE, *candidates(row.geometry)]}
+                assert set(row.times_ms) == wanted
+                assert row.form.value == min(row.times_ms, key=row.times_ms.__getitem__)
+    for bad in ({"compute": "fast"}, {"threads": 0}):
+        with pytest.raises(ConfigError):
+            optimize_for_inference(model, **bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,9 +316,7 @@ def float_elements(path: Path) -> int:
 
 @pytest.mark.parametrize("matmul", [False, True], ids=["conv-windows", "matmul-windows"])
 @pytest.mark.parametrize("seed", range(40))
-def test_every_onnx_form_matches_the_dense_conv(
-    seed: int, matmul: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_onnx_form_matches_the_dense_conv(seed: int, matmul: bool, tmp_path: Path) -> None:
     """Each ONNX form of one random layer (stride, dilation, padding, groups, bias, K, MCNs-1)
     against the loop-built dense conv; ``matmul``: ``cols`` convolves its windows by MatMul
     (large maps) instead of a 1x1 Conv (small maps, strided windows via SpaceToDepth). The
@@ -276,16 +329,17 @@ def test_every_onnx_form_matches_the_dense_conv(
     x = torch.randn(2, layer.in_channels, hi, wi)
     with torch.no_grad():
         ref = dense_reference(layer, x).numpy()
-    geo = geometry(layer, (hi, wi))
-    forms = ["cols"] + (["grid"] if layer.groups == 1 else []) if geo.full_m else ["scale"]
-    if matmul:
-        monkeypatch.setattr(onnx_factored, "ONNX_CONV_MAX_PIXELS", 0)
-    for form in forms:
-        monkeypatch.setattr(onnx_factored, "choose_onnx_mode", lambda _, form=form: form)
-        path = tmp_path / f"{form}.onnx"
+    geo = layer_geometry(layer, (hi, wi))
+    tunables = Tunables(onnx_conv_max_pixels=0 if matmul else 1024)
+    for form in candidates(geo):
+        path = tmp_path / f"{form.value}.onnx"
         options = {"input_size": (hi, wi), "dynamic_batch": True, "exporter": "torchscript"}
-        result = export_onnx(model, path, compute="auto", **options)
+        proto, result = onnx_model(
+            model, compute="auto", tunables=tunables, forms={"0": form}, **options
+        )
+        path.write_bytes(proto.SerializeToString())
         assert len(result.factored_layers) == 1, (form, layer)
+        assert result.plan is not None and result.plan.layers[0].form is form
         ops = {node.op_type for node in onnx.load(path).graph.node}
         assert "Conv" in ops or "MatMul" in ops
         sess = session(path)
@@ -401,7 +455,7 @@ def test_profile_reports_dense_and_factored_costs() -> None:
     dense += sum(naive_q(m).numel() for m in model.modules() if isinstance(m, MCConv2d))
     held = sum(m.weight.numel() for m in fast.modules() if isinstance(m, nn.Conv2d))
     held += sum(
-        m.binary.numel() + (m.combine.numel() if m.mode != "dense" else 0)
+        m.binary.numel() + (m.combine.numel() if m.form is not Form.DENSE else 0)
         for m in fast.modules()
         if isinstance(m, FactoredConv2d)
     )

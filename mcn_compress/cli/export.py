@@ -112,6 +112,16 @@ def export_command(
             "every converted conv factored; dense = one Conv with the rebuilt weight.",
         ),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            show_default=False,
+            help="ONNX only: the onnxruntime intra-op threads the file will run with; --compute "
+            "auto picks each layer's form for that count [default: this machine's cores].",
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -138,6 +148,8 @@ def export_command(
       mcn-compress export model.pt -f onnx --weights folded --input-size 3,160,160 -o m.onnx
 
       mcn-compress export model.pt -f onnx --compute dense -o model-dense.onnx
+
+      mcn-compress export model.pt -f onnx --threads 4 -o model-4threads.onnx
 
       mcn-compress export model.pt -f onnx --float-layers int8 -o model-int8.onnx
 
@@ -167,6 +179,7 @@ def export_command(
                     dynamic_batch,
                     compute,
                     float_layers.value,
+                    threads,
                 ),
             }
         else:
@@ -178,6 +191,7 @@ def export_command(
                     ("--input-size", input_size is not None),
                     ("--dynamic-batch", dynamic_batch),
                     ("--compute", compute is not None),
+                    ("--threads", threads is not None),
                 )
                 if given
             ]
@@ -213,7 +227,7 @@ def export_command(
         out.print(
             f"wrote {out_path}: {result['bytes']:,} bytes, {result['weights']} weights "
             f"({result['packed_layers']} layers as sign bits, {result['factored_layers']} run "
-            f"factored, {result['folded_batchnorms']} BatchNorms folded), "
+            f"factored{_for_threads(result)}, {result['folded_batchnorms']} BatchNorms folded), "
             f"float layers {result['float_layers']}, opset {result['opset']}"
             f"{' (TorchScript exporter)' if result['exporter'] == 'torchscript' else ''}, input "
             f"{'x'.join(str(d) for d in result['input_shape'])}"
@@ -234,6 +248,11 @@ def export_command(
         )
 
 
+def _for_threads(result: dict[str, object]) -> str:
+    threads = result.get("threads")
+    return f" for {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+
+
 def _export_onnx(
     model: object,
     out_path: Path,
@@ -243,6 +262,7 @@ def _export_onnx(
     dynamic_batch: bool,
     compute: OnnxCompute | None = None,
     float_layers: str = "float32",
+    threads: int | None = None,
 ) -> dict[str, object]:
     """Call the library's ONNX exporter; returns the JSON-ready result."""
     from mcn_compress.formats.onnx import export_onnx
@@ -259,5 +279,6 @@ def _export_onnx(
         input_size=input_size,
         dynamic_batch=dynamic_batch,
         float_layers=float_layers,
+        threads=threads,
     )
     return {**result.to_dict(), "format": ExportFormat.onnx.value}

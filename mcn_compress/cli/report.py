@@ -116,7 +116,7 @@ LAYER_COLUMNS: list[tuple[str, Callable[[LayerProfile], str]]] = [
     ("bits", lambda r: _int(r.bits)),
     ("float params", lambda r: _int(r.float_params)),
     ("rel. error", lambda r: "-" if r.rel_error is None else f"{r.rel_error:.4f}"),
-    ("factored form", lambda r: (r.factored or {}).get("mode", "-")),
+    ("factored form", lambda r: (r.factored or {}).get("form", "-")),
     ("MACs dense / factored", lambda r: _pair(r.factored, "dense_macs", "macs")),
 ]
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +71,20 @@ from mcn_compress.formats.packed import pack_signs
 from mcn_compress.module_utils import input_sizes, resolve_input_shape, set_submodule
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.fold_bn import fold_batchnorms
+from mcn_compress.passes.planner import (
+    DEFAULT_TUNABLES,
+    Compute,
+    Form,
+    InferencePlan,
+    Tunables,
+    default_threads,
+    enum_value,
+)
 
 _logger = logging.getLogger(__name__)
 
 WEIGHT_LAYOUTS = ("packed", "folded")
-COMPUTE_MODES = ("dense", "factored", "auto")
+COMPUTE_MODES = (Compute.DENSE.value, Compute.FACTORED.value, Compute.AUTO.value)
 _MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit on one serialised message
 
 
@@ -97,6 +106,7 @@ class OnnxExportResult:
     exporter: str = "dynamo"  # the torch exporter that made the graph (onnx_torch.EXPORTERS)
     float_layers: str = "float32"  # how float layer weights are stored (design.md 4.9)
     float_layer_weights: int = 0  # initializers stored as float16 or int8
+    plan: InferencePlan | None = None  # the factored-compute plan (compute other than dense)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,6 +124,7 @@ class OnnxExportResult:
             "sign_bytes": self.sign_bytes,
             "float_layers": self.float_layers,
             "float_layer_weights": self.float_layer_weights,
+            "threads": self.plan.threads if self.plan is not None else None,
         }
 
 
@@ -126,7 +137,7 @@ class _Prepared:
 
 # --- options --------------------------------------------------------------------------------
 def _check_options(
-    weights: str, opset: int, compute: str = "dense", exporter: str = "auto"
+    weights: str, opset: int, compute: str = "dense", exporter: str = "auto", threads: int = 1
 ) -> None:
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
@@ -134,6 +145,8 @@ def _check_options(
         raise ConfigError(f"weights must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weights!r}")
     if compute not in COMPUTE_MODES:
         raise ConfigError(f"compute must be one of {', '.join(COMPUTE_MODES)}, got {compute!r}")
+    if threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
     if compute != "dense" and weights != "packed":
         raise ConfigError(f"compute {compute!r} needs weights 'packed' (the sign bits)")
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -171,7 +184,8 @@ def _prepare(model: nn.Module, weights: str) -> _Prepared:
         assert isinstance(conv, nn.Conv2d)
         layer.weight = conv.weight.detach().cpu().numpy().copy()
         if name in folds:
-            layer.scale = folds[name][1].cpu().numpy().astype(np.float32)
+            layer.folded_batchnorm, scale = folds[name]
+            layer.scale = scale.cpu().numpy().astype(np.float32)
     return _Prepared(work, list(layers.values()), {c: bn for c, (bn, _) in folds.items()})
 
 
@@ -189,18 +203,25 @@ def onnx_model(
     opset: int = DEFAULT_OPSET,
     input_size: int | Sequence[int] | None = None,
     dynamic_batch: bool = False,
-    compute: str = "dense",
+    compute: Compute | str = Compute.DENSE,
     exporter: str = "auto",
     float_layers: str = "float32",
+    threads: int | None = None,
+    tunables: Tunables = DEFAULT_TUNABLES,
+    forms: Mapping[str, Form | str] | None = None,
 ) -> tuple[Any, OnnxExportResult]:
     """The checked ``onnx.ModelProto`` of ``model`` and a description (path and bytes unset).
 
-    See the module docstring for the layouts and `export_onnx` for ``compute``; `export_onnx`
-    writes it to a file.
+    See the module docstring for the layouts and `export_onnx` for the options; `export_onnx`
+    writes it to a file. ``tunables``: the planner's thresholds
+    (`mcn_compress.passes.planner.Tunables`); ``forms``: converted layer name -> the form it
+    must run in (``dense``, ``scale``, ``cols``, ``grid``), instead of the planner's choice.
     """
     import onnx
 
-    _check_options(weights, opset, compute, exporter)
+    compute = enum_value(Compute, compute, "compute")
+    threads = default_threads() if threads is None else threads
+    _check_options(weights, opset, compute.value, exporter, threads)
     check_onnx_float_layers(float_layers, opset)
     shape = resolve_input_shape(model, input_size)
     prepared = _prepare(model, weights)
@@ -210,14 +231,25 @@ def onnx_model(
     proto, used = torch_export(prepared.model, example, opset, dynamic_batch, weights, exporter)
     inline_initializer_aliases(proto.graph)
     packed: list[str] = []
-    factored: list[str] = []
+    factored: tuple[str, ...] = ()
+    plan = None
     if weights == "packed":
         dense_layers = prepared.layers
-        if compute != "dense":
+        if compute is not Compute.DENSE:
             sizes = input_sizes(prepared.model, example, [layer.name for layer in dense_layers])
-            dense_layers, choices = factor_graph(proto, dense_layers, compute, opset, sizes)
-            factored = [c.name for c in choices if c.mode != "dense"]
-        packed = pack_graph(proto, dense_layers, opset) + factored
+            dense_layers, plan = factor_graph(
+                proto,
+                dense_layers,
+                compute,
+                opset,
+                threads,
+                tunables=tunables,
+                input_hw=sizes,
+                input_shape=shape,
+                forms={k: enum_value(Form, v, "form") for k, v in (forms or {}).items()},
+            )
+            factored = plan.factored
+        packed = pack_graph(proto, dense_layers, opset) + list(factored)
     stored = store_float_layers(
         proto, float_layers, float_layer_weights(prepared.model, model), opset
     )
@@ -227,7 +259,8 @@ def onnx_model(
     for key, value in (
         ("mcn_compress.weights", weights),
         ("mcn_compress.planes", _planes(model)),
-        ("mcn_compress.compute", compute),
+        ("mcn_compress.compute", compute.value),
+        ("mcn_compress.threads", str(threads)),
         ("mcn_compress.exporter", used),
         (METADATA_KEY, float_layers),
     ):
@@ -253,11 +286,12 @@ def onnx_model(
         packed_layers=tuple(packed),
         folded_batchnorms=tuple(prepared.folded_batchnorms.values()),
         sign_bytes=sum(layer.signs.size for layer in prepared.layers),
-        compute=compute,
-        factored_layers=tuple(factored),
+        compute=compute.value,
+        factored_layers=factored,
         exporter=used,
         float_layers=float_layers,
         float_layer_weights=len(stored),
+        plan=plan,
     )
     return proto, result
 
@@ -275,9 +309,10 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     input_size: int | Sequence[int] | None = None,
     dynamic_batch: bool = False,
-    compute: str = "dense",
+    compute: Compute | str = Compute.DENSE,
     exporter: str = "auto",
     float_layers: str = "float32",
+    threads: int | None = None,
 ) -> OnnxExportResult:
     """Write ``model`` as an ONNX file that onnxruntime runs without custom operators.
 
@@ -292,8 +327,8 @@ def export_onnx(
         compute: ``"dense"`` (one ``Conv`` with the rebuilt Q per layer), ``"factored"`` (every
             converted conv in factored form: H = out / K binary filters and the M combination,
             K times fewer MACs; docs/design.md section 4.8, `mcn_compress.formats.onnx_factored`)
-            or ``"auto"`` (factored where `mcn_compress.passes.factored.choose_mode` expects it
-            to be faster, per layer). Factored forms need ``weights="packed"``.
+            or ``"auto"`` (factored where the planner, `mcn_compress.passes.planner`, expects it
+            to be faster at ``threads``, per layer). Factored forms need ``weights="packed"``.
         exporter: ``"auto"`` (torch.export-based, the TorchScript exporter as a fallback
             with a log line), ``"dynamo"`` or ``"torchscript"``; see
             `mcn_compress.formats.onnx_torch`.
@@ -301,6 +336,9 @@ def export_onnx(
             or ``"int8"`` (per-output-channel int8 + ``DequantizeLinear``, opset >= 13) for the
             weights of the layers that stay float (docs/design.md section 4.9,
             `mcn_compress.formats.onnx_int8`).
+        threads: the onnxruntime intra-op threads the file will run with, for the choice of
+            forms with ``compute="auto"`` (default: this machine's cores). The plan is in the
+            result's ``plan`` and the file's metadata ``mcn_compress.threads``.
 
     Raises:
         ConfigError: an option is out of range.
@@ -318,6 +356,7 @@ def export_onnx(
         compute=compute,
         exporter=exporter,
         float_layers=float_layers,
+        threads=threads,
     )
     payload = proto.SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))

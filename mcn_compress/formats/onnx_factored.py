@@ -2,6 +2,12 @@
 is replaced by standard operators that convolve with the H = out / K binary filters only and
 combine the kernel positions with M, reading the sign bits packed as in the packed layout.
 
+`factor_graph` runs three steps: **match** each converted layer to the ``Conv`` nodes that read
+its weight (`onnx_packing.match_conv_weights`: by initializer name, else by value), **plan** it
+(its `passes.planner.Geometry` from the node's attributes and the inferred input shape, then
+the planner's form for onnxruntime at the target thread count) and **emit** the nodes of that
+form (`_Emitter`). Tunables come in as a `passes.planner.Tunables` argument.
+
 Per layer, with ``S`` the ±1 filters decoded from the uint8 bits (`GraphBuilder.signs_of`) and
 ``A[h, j, p] = s[h*K + j] * M[j, p]`` (s: the folded BatchNorm scale, else 1; computed from
 initializers, so onnxruntime constant-folds it with the decoding at session creation):
@@ -11,37 +17,47 @@ initializers, so onnxruntime constant-folds it with the decoding at session crea
 - ``cols``: per kernel position p a window of the zero-padded input (`_Windows`: one
   ``Slice`` each; the stride-1 window that is the input itself is not copied; stride s with
   dilation 1 slices the s*s phases of one ``SpaceToDepth``), convolved with ``S[:, :, p]``
-  by a 1x1 ``Conv`` (outputs up to ``ONNX_CONV_MAX_PIXELS``; onnxruntime runs it in its
-  blocked layout) or a ``MatMul`` (larger maps) -> Reshape (N, H, 1, L) -> Concat over p ->
-  the combination as a 1x1 ``Conv`` with ``group = H`` (weight A, bias) -> (N, out, Ho, Wo).
+  by a 1x1 ``Conv`` (outputs up to ``Tunables.onnx_conv_max_pixels``; onnxruntime runs it in
+  its blocked layout) or a ``MatMul`` (larger maps) -> Reshape (N, H, 1, L) -> Concat over p
+  -> the combination as a 1x1 ``Conv`` with ``group = H`` (weight A, bias) -> (N, out, Ho, Wo).
 - ``grid`` (groups 1): Pad -> one ``MatMul`` to P*H channels over the padded grid -> per p a
   strided ``Slice`` of its H channels -> Reshape, Concat and the combination as above.
 - ``dense``: the packed layout's rebuilt Q and the original ``Conv`` (`pack_graph`).
 
-Spatial sizes come from ONNX shape inference of the exported graph (the batch may be symbolic).
+Spatial sizes come from ONNX shape inference of the exported graph (the batch may be symbolic),
+else from a PyTorch forward (``input_hw``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from mcn_compress.formats.onnx_packing import GraphBuilder, PackedLayer
-from mcn_compress.passes.factored import LayerGeometry, choose_mode
+from mcn_compress.errors import ConfigError
+from mcn_compress.formats.onnx_packing import (
+    ConvSite,
+    GraphBuilder,
+    PackedLayer,
+    match_conv_weights,
+)
+from mcn_compress.passes.planner import (
+    DEFAULT_TUNABLES,
+    Backend,
+    Compute,
+    Form,
+    Geometry,
+    InferencePlan,
+    LayerPlan,
+    Tunables,
+    candidates,
+    plan_layer,
+    resolve_pads,
+)
 
 _INT_MAX = np.iinfo(np.int64).max
-
-
-@dataclasses.dataclass(frozen=True)
-class FactoredChoice:
-    """The form one converted conv got in the factored ONNX graph, and its conv MACs."""
-
-    name: str
-    mode: str
-    dense_macs: int
-    macs: int
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -66,37 +82,29 @@ def _static_shapes(proto: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _geometry(
-    layer: PackedLayer, attrs: dict[str, Any], in_shape: tuple[int, ...]
-) -> LayerGeometry:
+def node_geometry(layer: PackedLayer, node: Any, input_hw: tuple[int, int]) -> Geometry:
+    """The `Geometry` of ``layer`` as the ONNX ``Conv`` ``node`` runs it on ``input_hw``
+    (explicit ``pads``, or ``auto_pad`` as the TorchScript exporter writes it)."""
+    attrs = _attrs(node)
     h, cin, kh, kw = layer.latent_shape
     k = layer.mfilter.shape[0]
     groups = int(attrs.get("group", 1))
-    stride = tuple(int(v) for v in attrs.get("strides", [1, 1]))
-    dilation = tuple(int(v) for v in attrs.get("dilations", [1, 1]))
-    input_hw = (in_shape[2], in_shape[3])
+    stride = (int(attrs.get("strides", [1, 1])[0]), int(attrs.get("strides", [1, 1])[1]))
+    dilation = (int(attrs.get("dilations", [1, 1])[0]), int(attrs.get("dilations", [1, 1])[1]))
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # output = ceil(input / stride)
-        pads = [0, 0, 0, 0]  # top, left, bottom, right as in ONNX
-        axes = zip(input_hw, stride, dilation, (kh, kw), strict=True)
-        for axis, (size, s, d, kernel) in enumerate(axes):
-            total = max((-(-size // s) - 1) * s + (kernel - 1) * d + 1 - size, 0)
-            small = total // 2
-            pads[axis], pads[axis + 2] = (
-                (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
-            )
-    elif auto_pad == "NOTSET":  # explicit pads
-        pads = [int(v) for v in attrs.get("pads", [0, 0, 0, 0])]
-    else:  # VALID
-        pads = [0, 0, 0, 0]
-    return LayerGeometry(
+    if auto_pad == "NOTSET":
+        top, left, bottom, right = (int(v) for v in attrs.get("pads", [0, 0, 0, 0]))
+        pads = (top, bottom, left, right)
+    else:
+        pads = resolve_pads(auto_pad, (kh, kw), stride, dilation, input_hw)
+    return Geometry(
         in_channels=cin * groups,
         out_channels=h * k,
         kernel=(kh, kw),
-        stride=stride,  # type: ignore[arg-type]
-        dilation=dilation,  # type: ignore[arg-type]
-        pads=(pads[0], pads[2], pads[1], pads[3]),
+        stride=stride,
+        dilation=dilation,
+        pads=pads,
         groups=groups,
         planes=k,
         full_m=layer.mfilter.shape[1:] != (1, 1) and (kh, kw) != (1, 1),
@@ -104,11 +112,12 @@ def _geometry(
     )
 
 
-class _Factorer:
-    """Builds the replacement of one Conv node (see the module docstring)."""
+class _Emitter:
+    """Emits the replacement of one Conv node in its planned form (module docstring)."""
 
-    def __init__(self, builder: GraphBuilder) -> None:
+    def __init__(self, builder: GraphBuilder, tunables: Tunables) -> None:
         self.b = builder
+        self.conv_max_pixels = tunables.onnx_conv_max_pixels
 
     def combination(self, layer: PackedLayer, prefix: str, positions: int) -> str:
         h, _, _, _ = layer.latent_shape
@@ -122,9 +131,7 @@ class _Factorer:
         scale = self.b.tensor(f"{prefix}.scale", layer.scale.astype(np.float32).reshape(h, k, 1))
         return self.b.node("Mul", [scale, mfilter], f"{prefix}.combine")
 
-    def pad(
-        self, x: str, geo: LayerGeometry, prefix: str, pads: tuple[int, ...] | None = None
-    ) -> str:
+    def pad(self, x: str, geo: Geometry, prefix: str, pads: tuple[int, ...] | None = None) -> str:
         """``x`` zero-padded by ``pads`` (top, bottom, left, right; default the layer's)."""
         top, bottom, left, right = pads = pads or geo.pads
         if not any(pads):
@@ -136,7 +143,7 @@ class _Factorer:
         return self.b.node("Pad", [x, pads], f"{prefix}.padded", mode="constant")
 
     def window(
-        self, t: str, geo: LayerGeometry, a: int, c: int, name: str, ch: tuple[int, int] | None
+        self, t: str, geo: Geometry, a: int, c: int, name: str, ch: tuple[int, int] | None
     ) -> str:
         (kh, kw), (sh, sw), (dh, dw) = geo.kernel, geo.stride, geo.dilation
         end_h = -(kh - 1 - a) * dh or _INT_MAX
@@ -157,8 +164,8 @@ class _Factorer:
     def build(
         self,
         layer: PackedLayer,
-        mode: str,
-        geo: LayerGeometry,
+        form: Form,
+        geo: Geometry,
         x: str,
         bias: str | None,
         output: str,
@@ -175,21 +182,21 @@ class _Factorer:
         p = prefix
         g = geo.groups
         signs = signs or self.b.signs_of(layer, p)  # (H, 1, cin, kh, kw)
-        if mode == "scale" and ((kh, kw) != (1, 1) or geo.stride != (1, 1) or any(geo.pads)):
+        if form is Form.SCALE and ((kh, kw) != (1, 1) or geo.stride != (1, 1) or any(geo.pads)):
             # MCNs-1 with a kh x kw kernel, or a strided / padded 1x1: one Conv with H filters
             weight = self.b.node("Reshape", [signs, self.b.shape([h, cin, kh, kw])], f"{p}.B")
             conv = _conv_attrs(geo, kernel=(kh, kw))
             z = self.b.node("Conv", [x, weight], f"{p}.z", **conv, pads=_onnx_pads(geo.pads))
-        elif mode == "scale":  # 1x1: a MatMul of (g, H_g, cin) by the input
+        elif form is Form.SCALE:  # 1x1: a MatMul of (g, H_g, cin) by the input
             weight = self.b.node("Reshape", [signs, self.b.shape([g, h // g, cin])], f"{p}.B")
             z = self.matmul(weight, x, g, cin, pixels, f"{p}.z")
-        if mode == "scale":
+        if form is Form.SCALE:
             z4 = self.b.node("Reshape", [z, self.b.shape([0, h, 1, pixels])], f"{p}.z4")
             self.combine(z4, self.combination(layer, p, 1), 1, bias, layer, out_hw, output, p)
             return signs
         transposed = self.b.node("Transpose", [signs], f"{p}.Bt", perm=[3, 4, 0, 1, 2])
         parts = []
-        if mode == "grid":
+        if form is Form.GRID:
             xp = self.pad(x, geo, p)
             hp, wp = geo.padded_hw
             weight = self.b.node(
@@ -204,13 +211,13 @@ class _Factorer:
             )
         for index in range(positions):
             a, c = divmod(index, kw)
-            if mode == "grid":
+            if form is Form.GRID:
                 zp = self.window(z, geo, a, c, f"{p}.z{index}", (index * h, (index + 1) * h))
             else:
                 xw = windows.at(a, c, f"{p}.x{index}")
                 idx = self.b.constant(f"mcn.index.{index}", np.array(index, dtype=np.int64))
                 wp_ = self.b.node("Gather", [per_position, idx], f"{p}.B{index}", axis=0)
-                if pixels <= ONNX_CONV_MAX_PIXELS:
+                if pixels <= self.conv_max_pixels:
                     zp = self.b.node(
                         "Conv", [xw, wp_], f"{p}.z{index}", kernel_shape=[1, 1], group=g
                     )
@@ -262,7 +269,7 @@ class _Windows:
     the padded input is rearranged once by ``SpaceToDepth(s)``, so every window is a
     contiguous slice of one of its s*s phases (a strided Slice copies element by element)."""
 
-    def __init__(self, factorer: _Factorer, x: str, geo: LayerGeometry, prefix: str) -> None:
+    def __init__(self, factorer: _Emitter, x: str, geo: Geometry, prefix: str) -> None:
         self.f, self.x, self.geo, self.prefix = factorer, x, geo, prefix
         s = geo.stride[0]
         self.block = s if s > 1 and geo.stride == (s, s) and geo.dilation == (1, 1) else 1
@@ -298,29 +305,12 @@ class _Windows:
         return self.f.slice(self.source(), name, starts=starts, ends=ends, axes=[1, 2, 3])
 
 
-# cols: a 1x1 Conv per position up to 32x32 output pixels, else MatMul (onnxruntime, 1 thread:
-# the Conv was 0.6-0.9x the MatMul's time at 7x7 to 28x28 maps and 1.1x at 56x56)
-ONNX_CONV_MAX_PIXELS = 1024
-ONNX_MIN_SAVED_MACS = 8_000_000  # per image; fitted to onnxruntime 1-thread CPU timings
-
-
-def choose_onnx_mode(geo: LayerGeometry) -> str:
-    """`choose_mode`, except that a layer whose factored form saves fewer than
-    ``ONNX_MIN_SAVED_MACS`` conv MACs per image stays dense: onnxruntime runs its dense convs in
-    a blocked layout (NCHWc) with fused activations, and each factored layer adds a dozen
-    nodes and layout reorders that small layers do not earn back (docs/design.md section 4.8)."""
-    mode = choose_mode(geo)
-    if mode != "dense" and geo.macs("dense") - geo.macs(mode) < ONNX_MIN_SAVED_MACS:
-        return "dense"
-    return mode
-
-
 def _onnx_pads(pads: tuple[int, int, int, int]) -> list[int]:
     top, bottom, left, right = pads
     return [top, left, bottom, right]
 
 
-def _conv_attrs(geo: LayerGeometry, kernel: tuple[int, int]) -> dict[str, Any]:
+def _conv_attrs(geo: Geometry, kernel: tuple[int, int]) -> dict[str, Any]:
     return {
         "kernel_shape": list(kernel),
         "strides": list(geo.stride),
@@ -329,80 +319,109 @@ def _conv_attrs(geo: LayerGeometry, kernel: tuple[int, int]) -> dict[str, Any]:
     }
 
 
+def plan_sites(
+    proto: Any,
+    sites: list[ConvSite],
+    compute: Compute,
+    threads: int,
+    tunables: Tunables = DEFAULT_TUNABLES,
+    input_hw: Mapping[str, tuple[int, int]] | None = None,
+    forms: Mapping[str, Form] | None = None,
+) -> list[LayerPlan]:
+    """One `LayerPlan` per matched layer whose input size is known and whose Conv nodes agree
+    on one geometry (an exporter that merged equal weights may feed one initializer to several
+    convs); any other layer stays dense and unplanned. ``input_hw``: each layer's input height
+    and width as PyTorch saw them, for convs whose input shape ONNX leaves open. ``forms``:
+    layer name -> the form it must take, instead of the planner's choice.
+
+    Raises:
+        ConfigError: a form in ``forms`` does not fit its layer.
+    """
+    shapes = _static_shapes(proto)
+    plans = []
+    for site in sites:
+        geos = set()
+        for node in site.nodes:
+            shape = shapes.get(node.input[0])
+            hw = (shape[2], shape[3]) if shape else None
+            if hw is None and len(site.nodes) == 1:
+                hw = (input_hw or {}).get(site.layer.name)
+            geos.add(node_geometry(site.layer, node, hw) if hw else None)
+        if len(geos) == 1 and None not in geos:
+            geo = next(iter(geos))
+            assert geo is not None
+            name, folded = site.layer.name, site.layer.folded_batchnorm
+            if forms is not None and name in forms:
+                plans.append(LayerPlan(name, geo, _fitting(forms[name], geo, name), folded))
+                continue
+            plan = plan_layer(name, geo, compute, Backend.ONNXRUNTIME, threads, tunables=tunables)
+            plans.append(dataclasses.replace(plan, folded_batchnorm=folded))
+    return plans
+
+
+def _fitting(form: Form, geo: Geometry, name: str) -> Form:
+    if form is not Form.DENSE and form not in candidates(geo):
+        allowed = ", ".join(f.value for f in [Form.DENSE, *candidates(geo)])
+        raise ConfigError(f"layer {name}: form {form.value!r} does not fit (allowed: {allowed})")
+    return form
+
+
 def factor_graph(
     proto: Any,
     layers: list[PackedLayer],
-    compute: str,
+    compute: Compute,
     opset: int,
-    input_hw: dict[str, tuple[int, int]] | None = None,
-) -> tuple[list[PackedLayer], list[FactoredChoice]]:
-    """Replace the Conv node of each layer whose form (by `choose_mode`, or forced by
-    ``compute="factored"``) is not dense; returns the layers left dense (for `pack_graph`) and
-    one `FactoredChoice` per layer. ``input_hw``: each layer's input height and width as
-    PyTorch saw them, for convs whose input shape ONNX shape inference leaves open."""
-    from onnx import numpy_helper
-
-    graph = proto.graph
-    shapes = _static_shapes(proto)
-    initializers = {init.name: init for init in graph.initializer}
-    convs: dict[str, list[Any]] = {}
-    for node in graph.node:
-        if node.op_type == "Conv" and len(node.input) > 1:
-            convs.setdefault(node.input[1], []).append(node)
-    weights = {
-        name: numpy_helper.to_array(initializers[name]) for name in convs if name in initializers
-    }
-    builder = GraphBuilder(opset, [n for n in initializers if n.startswith("mcn.")])
-    factorer = _Factorer(builder)
+    threads: int,
+    *,
+    tunables: Tunables = DEFAULT_TUNABLES,
+    input_hw: Mapping[str, tuple[int, int]] | None = None,
+    input_shape: tuple[int, ...] = (),
+    forms: Mapping[str, Form] | None = None,
+) -> tuple[list[PackedLayer], InferencePlan]:
+    """Match, plan and emit (module docstring): replace the Conv nodes of each layer planned
+    factored. Returns the layers left dense (for `pack_graph`) and the `InferencePlan`."""
+    sites = match_conv_weights(proto.graph, layers)
+    plans = plan_sites(proto, sites, compute, threads, tunables, input_hw, forms)
+    by_name = {plan.name: plan for plan in plans}
+    builder = GraphBuilder(
+        opset, [i.name for i in proto.graph.initializer if i.name.startswith("mcn.")]
+    )
+    emitter = _Emitter(builder, tunables)
     replacement: dict[int, list[Any]] = {}
     dense: list[PackedLayer] = []
-    choices: list[FactoredChoice] = []
-    done: dict[str, str] = {}  # weight initializer -> mode (the exporter merges equal weights)
-    for layer in layers:
-        target = f"{layer.name}.weight"
-        if target not in weights or not np.array_equal(weights[target], layer.weight):
-            target = next((n for n, w in weights.items() if np.array_equal(w, layer.weight)), "")
-        nodes = convs.get(target, [])
-        known = dict(shapes)
-        if len(nodes) == 1 and nodes[0].input[0] not in known and layer.name in (input_hw or {}):
-            known[nodes[0].input[0]] = (1, 1, *(input_hw or {})[layer.name])
-        geos = {
-            _geometry(layer, _attrs(n), known[n.input[0]]) if n.input[0] in known else None
-            for n in nodes
-        }
-        if target in done:
-            mode = done[target]
-        elif not nodes or None in geos or len(geos) != 1:
-            mode = "dense"
-        else:
-            mode = choose_onnx_mode(next(iter(geos)))  # type: ignore[arg-type]
-            if mode == "dense" and compute == "factored":
-                mode = "scale" if not next(iter(geos)).full_m else "cols"  # type: ignore[union-attr]
-        if None not in geos and geos:
-            geo = next(iter(geos))
-            assert geo is not None
-            choices.append(FactoredChoice(layer.name, mode, geo.macs("dense"), geo.macs(mode)))
-        if mode == "dense":
-            dense.append(layer)
+    emitted: set[str] = set()  # weight initializers already replaced
+    for site in sites:
+        plan = by_name.get(site.layer.name)
+        if plan is None or plan.form is Form.DENSE:
+            dense.append(site.layer)
             continue
-        if target in done:
+        if site.weight in emitted:  # the exporter merged equal weights: already rebuilt
             continue
-        done[target] = mode
+        emitted.add(site.weight)
         signs = None
-        for node in nodes:
+        for node in site.nodes:
             start = len(builder.nodes)
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
             prefix = f"mcn.f{len(replacement)}"
-            signs = factorer.build(
-                layer, mode, geo, node.input[0], bias, node.output[0], prefix, signs
+            signs = emitter.build(
+                site.layer,
+                plan.form,
+                plan.geometry,
+                node.input[0],
+                bias,
+                node.output[0],
+                prefix,
+                signs,
             )
             replacement[id(node)] = builder.nodes[start:]
+    graph = proto.graph
     new_nodes = []
     for node in graph.node:
         new_nodes.extend(replacement.get(id(node), [node]))
     del graph.node[:]
     graph.node.extend(new_nodes)
-    kept = [init for init in graph.initializer if init.name not in done]
+    kept = [init for init in graph.initializer if init.name not in emitted]
     del graph.initializer[:]
     graph.initializer.extend(kept + builder.initializers)
-    return dense, choices
+    plan = InferencePlan(Backend.ONNXRUNTIME, compute, threads, input_shape, tuple(plans))
+    return dense, plan

@@ -24,6 +24,17 @@ class PackedLayer:
     mfilter: np.ndarray  # (K, kh|1, kw|1)
     weight: np.ndarray  # the folded Conv weight the subgraph must reproduce
     scale: np.ndarray | None = None  # BatchNorm scale per output channel, when folded
+    folded_batchnorm: str | None = None  # the name of that BatchNorm
+
+
+@dataclasses.dataclass
+class ConvSite:
+    """Where one converted layer sits in an ONNX graph: the initializer holding its weight
+    (``""`` when none was found) and the ``Conv`` nodes that read it."""
+
+    layer: PackedLayer
+    weight: str
+    nodes: list[Any]
 
 
 class GraphBuilder:
@@ -154,50 +165,61 @@ def _array_key(array: np.ndarray) -> tuple[Any, ...]:
     return (array.dtype.str, array.shape, hash(np.ascontiguousarray(canonical).tobytes()))
 
 
-def pack_graph(proto: Any, layers: list[PackedLayer], opset: int) -> list[str]:
-    """Replace each converted conv's float weight initializer by bits + M + unpack subgraph.
-
-    Returns the names of the packed layers. A layer whose weight does not reach a ``Conv``
-    weight input unchanged raises `ExportError` naming it.
-    """
+def match_conv_weights(graph: Any, layers: Sequence[PackedLayer]) -> list[ConvSite]:
+    """One `ConvSite` per layer, in order: the initializer that only ``Conv`` weight inputs
+    read and that equals the layer's weight, found by the name ``<layer>.weight`` (the
+    exporters keep parameter names), else by value (hashed, so renamed initializers cost one
+    pass; the exporter may also merge equal weights into one initializer)."""
     from onnx import numpy_helper
 
-    graph = proto.graph
-    initializers = {init.name: init for init in graph.initializer}
     uses: dict[str, list[tuple[str, int]]] = {}
+    convs: dict[str, list[Any]] = {}
     for node in graph.node:
         for index, name in enumerate(node.input):
             uses.setdefault(name, []).append((node.op_type, index))
+        if node.op_type == "Conv" and len(node.input) > 1:
+            convs.setdefault(node.input[1], []).append(node)
     conv_weights: dict[str, np.ndarray] = {}
-    for name, init in initializers.items():
-        if uses.get(name) and all(use == ("Conv", 1) for use in uses[name]):
-            conv_weights[name] = numpy_helper.to_array(init)
+    for init in graph.initializer:
+        if uses.get(init.name) and all(use == ("Conv", 1) for use in uses[init.name]):
+            conv_weights[init.name] = numpy_helper.to_array(init)
     by_value: dict[tuple[Any, ...], list[str]] = {}  # built on first need (hashing costs)
-
-    builder = GraphBuilder(opset, [n for n in initializers if n.startswith("mcn.")])
-    replaced: set[str] = set()
-    packed: list[str] = []
+    sites = []
     for layer in layers:
         target = f"{layer.name}.weight"
         if target not in conv_weights or not np.array_equal(conv_weights[target], layer.weight):
             if not by_value:
                 for name, array in conv_weights.items():
                     by_value.setdefault(_array_key(array), []).append(name)
-            candidates = by_value.get(_array_key(layer.weight), [])
-            target = next(
-                (n for n in candidates if np.array_equal(conv_weights[n], layer.weight)), ""
-            )
-        if not target:
+            found = by_value.get(_array_key(layer.weight), [])
+            target = next((n for n in found if np.array_equal(conv_weights[n], layer.weight)), "")
+        sites.append(ConvSite(layer, target, convs.get(target, []) if target else []))
+    return sites
+
+
+def pack_graph(proto: Any, layers: list[PackedLayer], opset: int) -> list[str]:
+    """Replace each converted conv's float weight initializer by bits + M + unpack subgraph.
+
+    Returns the names of the packed layers. A layer whose weight does not reach a ``Conv``
+    weight input unchanged raises `ExportError` naming it.
+    """
+    graph = proto.graph
+    existing = [init.name for init in graph.initializer if init.name.startswith("mcn.")]
+    builder = GraphBuilder(opset, existing)
+    replaced: set[str] = set()
+    packed: list[str] = []
+    for site in match_conv_weights(graph, layers):
+        if not site.weight:
             raise ExportError(
-                f"cannot pack layer {layer.name}: its weight does not reach an ONNX Conv "
+                f"cannot pack layer {site.layer.name}: its weight does not reach an ONNX Conv "
                 "unchanged (the model reads it outside the conv, or the layer is never called "
                 "in forward); export with --weights folded"
             )
-        packed.append(layer.name)
-        if target in replaced:  # the exporter merged identical weights: already rebuilt
+        packed.append(site.layer.name)
+        if site.weight in replaced:  # the exporter merged identical weights: already rebuilt
             continue
-        replaced.add(target)
-        builder.unpack(layer, target)
+        replaced.add(site.weight)
+        builder.unpack(site.layer, site.weight)
 
     splice_weights(graph, replaced, builder.initializers, builder.nodes)
     return packed
