@@ -33,8 +33,14 @@ from pathlib import Path
 
 import torch
 
+from mcn_compress.experiments.fashion_mnist import (
+    Budget,
+    Variant,
+    VariantResult,
+    finetune_variant,
+    pretrain_float,
+)
 from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
-from mcn_compress.pipeline import Budget, Variant, VariantResult, finetune_variant, pretrain_float
 from mcn_compress.training.run_dir import EpochMetrics
 from mcn_compress.training.trainer import TrainCallbacks
 

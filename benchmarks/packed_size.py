@@ -21,17 +21,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mcn_compress import (
-    MCConv2d,
-    MCNConfig,
-    convert,
-    export_packed,
-    info_of,
-    load,
-    load_float_model,
-    save,
-)
+from mcn_compress import MCNConfig, convert, export_packed, info_of, load, load_float_model, save
 from mcn_compress.formats.quantize import float_layer_weight_keys, stored_weight_bytes
+from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.policy import REASON_STEM
 from mcn_compress.profile import size_bound, storage_counts
 

@@ -1,47 +1,64 @@
-"""mcn-compress: pretrained classifiers -> Modulated Convolutional Networks (Wang et al., 2018)."""
+"""mcn-compress: pretrained classifiers -> Modulated Convolutional Networks (Wang et al., 2018).
+
+The user API (docs/design.md section 4.1), in the order of the job::
+
+    import mcn_compress as mcn
+
+    float_model = mcn.load_float_model("resnet18", weights="r18.pth")
+    model = mcn.convert(float_model, mcn.MCNConfig(planes=4))      # filter_fn=... narrows it
+    mcn.calibrate(model, float_model, unlabeled_batches, steps=300)  # optional, in place
+    mcn.save(model, "model.pt")
+    mcn.export_packed(model, "model.mcn")
+    mcn.export_onnx(model, "model.onnx", compute="auto", threads=2)
+    fast = mcn.optimize_for_inference(mcn.load("model.pt"), threads=2)
+
+Internals (the passes, formats, layer classes, planner) stay importable from their modules.
+"""
 
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import (
     CheckpointError,
     ConfigError,
     ConversionError,
+    DataError,
+    ExportError,
     MCNError,
     ModelLoadError,
+    OutputError,
+    PipelineStopped,
+    RunFolderError,
+    TrainingDiverged,
 )
 from mcn_compress.formats.checkpoint import save
 from mcn_compress.formats.load import load
 from mcn_compress.formats.onnx import export_onnx
 from mcn_compress.formats.packed import export_packed
-from mcn_compress.info import MCNInfo, ModelSource, info_of
+from mcn_compress.info import MCNInfo, info_of
 from mcn_compress.models import load_float_model
-from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.passes.calibration import CalibrationResult, calibrate
 from mcn_compress.passes.convert import convert
-from mcn_compress.passes.factored import (
-    FactoredConv2d,
-    FactoredLayer,
-    FactoredSummary,
-    optimize_for_inference,
-)
-from mcn_compress.passes.policy import plan_conversion
-from mcn_compress.passes.summary import ConversionSummary, LayerRecord
+from mcn_compress.passes.factored import optimize_for_inference
+from mcn_compress.passes.planner import Compute
 from mcn_compress.version import __version__
 
 __all__ = [
+    "CalibrationResult",
     "CheckpointError",
+    "Compute",
     "ConfigError",
     "ConversionError",
-    "ConversionSummary",
-    "FactoredConv2d",
-    "FactoredLayer",
-    "FactoredSummary",
-    "LayerRecord",
-    "MCConv2d",
+    "DataError",
+    "ExportError",
     "MCNConfig",
     "MCNError",
     "MCNInfo",
     "ModelLoadError",
-    "ModelSource",
+    "OutputError",
+    "PipelineStopped",
+    "RunFolderError",
+    "TrainingDiverged",
     "__version__",
+    "calibrate",
     "convert",
     "export_onnx",
     "export_packed",
@@ -49,6 +66,5 @@ __all__ = [
     "load",
     "load_float_model",
     "optimize_for_inference",
-    "plan_conversion",
     "save",
 ]

@@ -2,7 +2,7 @@
 or the training split of a dataset the recipes know (labels ignored).
 
 ``source`` is a directory of images (read recursively with the model's eval preprocessing,
-`data.calibration_loader`) or a dataset name: ``fashion_mnist`` (Debian's files),
+`data.UnlabeledImages`) or a dataset name: ``fashion_mnist`` (Debian's files),
 ``cifar10`` / ``cifar100`` (``NAME:ROOT``, torchvision layout under ROOT) or ``synthetic``.
 Dataset images are resized to the model's input size (timm's ``pretrained_cfg``) and
 normalised as in fine-tuning, without augmentation; the subset is a deterministic random

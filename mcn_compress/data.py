@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from mcn_compress.errors import DataError, first_line
 from mcn_compress.module_utils import in_channels
@@ -114,16 +114,6 @@ def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
 
     config = resolve_data_config({}, model=model)
     return create_transform(**config, is_training=False)
-
-
-def calibration_loader(
-    root: str | Path, model: nn.Module, max_images: int = 256, batch_size: int = 32
-) -> DataLoader[torch.Tensor]:
-    """Batches of up to ``max_images`` unlabeled images from ``root`` for BN recalibration."""
-    files = find_images(root, limit=max_images)
-    mode = "L" if in_channels(model) == 1 else "RGB"
-    dataset = UnlabeledImages(files, eval_transform(model), mode)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 # ------------------------------------------------------------------------------------------

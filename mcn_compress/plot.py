@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from mcn_compress.errors import CheckpointError, ConfigError
-from mcn_compress.profile import TOP1_KEYS
 from mcn_compress.training.run_dir import RUN_METRICS, RunDir, is_number, read_run
 
 _logger = logging.getLogger(__name__)
@@ -16,6 +15,7 @@ PLOT_EXTRA_HINT = "install the plot extra: pip install 'mcn-compress[plot]'"
 
 
 LOSS_KEYS = ("loss", "softmax", "filter", "center", "distill", "val_loss")
+TOP1_KEYS = ("train_top1", "val_top1")
 
 
 def _figure_class() -> Any:

@@ -6,7 +6,7 @@ import importlib.util
 import math
 from pathlib import Path
 
-from mcn_compress.pipeline import VariantResult
+from mcn_compress.experiments.fashion_mnist import VariantResult
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fashion_mnist.py"
 _spec = importlib.util.spec_from_file_location("fashion_mnist_benchmark", _SCRIPT)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mcn_compress import MCConv2d, load, load_float_model
+from mcn_compress import load, load_float_model
 from mcn_compress.cli import app
+from mcn_compress.nn.mcconv import MCConv2d
 
 runner = CliRunner()
 

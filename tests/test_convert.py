@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mcn_compress import ConfigError, ConversionError, MCConv2d, MCNConfig, convert, info_of
+from mcn_compress import ConfigError, ConversionError, MCNConfig, convert, info_of
+from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.passes.convert import rebuild
 
 
 class Toy(nn.Module):
@@ -138,10 +140,10 @@ def test_fx_failure_falls_back_to_module_swap() -> None:
 
 
 def test_explicit_layer_list() -> None:
-    mcn = convert(Toy(), MCNConfig(planes=2), layers=["odd"], initialize=False)
+    mcn = rebuild(Toy(), MCNConfig(planes=2), ["odd"])
     assert [n for n, k in _kinds(mcn).items() if k == "mcn"] == ["odd"]
     with pytest.raises(ConversionError, match="no Conv2d named"):
-        convert(Toy(), MCNConfig(planes=2), layers=["bn"])
+        rebuild(Toy(), MCNConfig(planes=2), ["bn"])
 
 
 def test_timm_api_is_kept() -> None:

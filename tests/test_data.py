@@ -17,7 +17,6 @@ from mcn_compress.data import (
     DEBIAN_FASHION_MNIST,
     SyntheticImages,
     build_datasets,
-    calibration_loader,
     dataset_classes,
     default_num_classes,
     read_idx,
@@ -257,12 +256,6 @@ def test_imagefolder_uses_timm_transforms(tmp_path: Path, rgb_model: nn.Module) 
     assert image[0, 24, 24].item() == pytest.approx(expected_red, abs=1e-2)
     assert train[0][0].shape == (3, 48, 48)
     assert default_num_classes(cfg) == 2
-
-
-def test_calibration_loader_still_works(tmp_path: Path, rgb_model: nn.Module) -> None:
-    make_image_tree(tmp_path)
-    batch = next(iter(calibration_loader(tmp_path / "train", rgb_model, batch_size=3)))
-    assert batch.shape[0] == 3 and batch.shape[1] == 3
 
 
 # --- missing data ---------------------------------------------------------------------------------

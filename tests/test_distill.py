@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mcn_compress import MCNConfig, convert, load, load_float_model, save
+from mcn_compress import MCNConfig, calibrate, convert, load, load_float_model, save
 from mcn_compress.errors import ConfigError
 from mcn_compress.info import info_of
 from mcn_compress.passes.distill import distill_from_float
@@ -47,8 +47,11 @@ def test_distillation_lowers_kl_on_held_out_images(float_model: nn.Module) -> No
     train = _images(256, seed=1)
     held_out = _images(256, seed=2)
     batches = [train[i : i + 32] for i in range(0, len(train), 32)]
-    before = convert(float_model, MCNConfig(planes=4), calibration=batches)
-    after = convert(float_model, MCNConfig(planes=4), calibration=batches, calibration_steps=60)
+    before = convert(float_model, MCNConfig(planes=4))
+    calibrate(before, float_model, batches)
+    after = convert(float_model, MCNConfig(planes=4))
+    result = calibrate(after, float_model, batches, steps=60)
+    assert result.images == 256 and result.steps == 60
     kl_before = _naive_kl(before, float_model, held_out)
     kl_after = _naive_kl(after, float_model, held_out)
     assert kl_after < 0.6 * kl_before, (kl_before, kl_after)
@@ -83,7 +86,8 @@ def test_steps_zero_is_batchnorm_only_and_checkpoint_records_it(
 ) -> None:
     batches = [_images(32, 4), _images(32, 5)]
     plain = convert(float_model, MCNConfig(planes=4))
-    bn_only = convert(float_model, MCNConfig(planes=4), calibration=batches, calibration_steps=0)
+    bn_only = convert(float_model, MCNConfig(planes=4))
+    calibrate(bn_only, float_model, batches, steps=0)
     for (name, a), (_, b) in zip(plain.named_parameters(), bn_only.named_parameters(), strict=True):
         assert torch.equal(a, b), name  # weights unchanged, only BN statistics move
     summary = info_of(bn_only).summary
@@ -93,14 +97,20 @@ def test_steps_zero_is_batchnorm_only_and_checkpoint_records_it(
     path = save(bn_only, tmp_path / "m.pt")  # type: ignore[operator]
     conversion = info_of(load(path)).metadata["conversion"]
     assert conversion["calibration_images"] == 64 and conversion["calibration_steps"] == 0
-    with pytest.raises(ConfigError, match="needs calibration data"):
-        convert(float_model, MCNConfig(planes=4), calibration_steps=5)
+    with pytest.raises(ConfigError, match="no calibration batches"):
+        calibrate(plain, float_model, [], steps=5)
+    with pytest.raises(ConfigError, match=">= 0"):
+        calibrate(plain, float_model, batches, steps=-1)
 
 
 def test_expand_width_distills(float_model: nn.Module) -> None:
-    batches = [_images(16, 6)]
-    mcn = convert(
-        float_model, MCNConfig(planes=2, width="expand"), calibration=batches, calibration_steps=4
-    )
+    train = _images(128, seed=6)
+    held_out = _images(128, seed=7)
+    batches = [train[i : i + 32] for i in range(0, len(train), 32)]
+    mcn = convert(float_model, MCNConfig(planes=2, width="expand"))
+    calibrate(mcn, float_model, batches)
+    kl_before = _naive_kl(mcn, float_model, held_out)
+    calibrate(mcn, float_model, batches, steps=30)
+    assert _naive_kl(mcn, float_model, held_out) < 0.8 * kl_before
     summary = info_of(mcn).summary
-    assert summary is not None and summary.calibration_steps == 4
+    assert summary is not None and summary.calibration_steps == 30

@@ -14,21 +14,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mcn_compress import (
-    ConversionError,
-    MCConv2d,
-    MCNConfig,
-    ModelSource,
-    convert,
-    export_packed,
-    info_of,
-    load,
-    save,
-)
-from mcn_compress.info import update_info
+from mcn_compress import ConversionError, MCNConfig, convert, export_packed, info_of, load, save
+from mcn_compress.info import ModelSource, update_info
 from mcn_compress.models import build_model
 from mcn_compress.nn.expand_init import expanded_error, fit_expanded
 from mcn_compress.nn.init import fit_binary_approximation
+from mcn_compress.nn.mcconv import MCConv2d
+from mcn_compress.passes.calibration import calibrate
+from mcn_compress.passes.convert import rebuild
 from mcn_compress.passes.expand import expand_model, plan_expansion
 from mcn_compress.passes.tracing import trace
 from mcn_compress.passes.widen import widen_conv, widen_norm_
@@ -289,7 +282,7 @@ def test_layers_and_no_initialize_rebuild_the_same_structure() -> None:
     config = MCNConfig(width="expand", planes=4, mcn1=True)
     wide = convert(model, config)
     names = [n for n, m in wide.named_modules() if isinstance(m, MCConv2d)]
-    bare = convert(model, config, layers=names, initialize=False)
+    bare = rebuild(model, config, names)
     shapes = {k: v.shape for k, v in wide.state_dict().items()}
     assert {k: v.shape for k, v in bare.state_dict().items()} == shapes
     assert all(r.rel_error is None for r in info_of(bare).summary.converted)
@@ -300,11 +293,9 @@ def test_calibration_and_progress() -> None:
     calls: list[tuple[str, int, int]] = []
     batches = [torch.randn(8, 1, 28, 28) for _ in range(2)]
     wide = convert(
-        model,
-        MCNConfig(width="expand", planes=2),
-        calibration=batches,
-        progress=lambda *args: calls.append(args),
+        model, MCNConfig(width="expand", planes=2), progress=lambda *args: calls.append(args)
     )
+    calibrate(wide, model, batches)
     assert [c[1:] for c in calls] == [(i, 8) for i in range(1, 9)]
     bn = wide.get_submodule("stages.0.bn1")
     widened_float_stats = model.get_submodule("stages.0.bn1").running_mean.repeat_interleave(2)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from mcn_compress import MCConv2d
 from mcn_compress.nn.init import fit_binary_approximation, latent_from_fit
+from mcn_compress.nn.mcconv import MCConv2d
 
 DT = torch.float64
 

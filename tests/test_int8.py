@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from model_helpers import bare_convert
 from onnx import numpy_helper
 from onnx_helpers import ort_run, rel_norm
 from safetensors import safe_open
@@ -24,9 +25,7 @@ from typer.testing import CliRunner
 
 from mcn_compress import (
     ConfigError,
-    MCConv2d,
     MCNConfig,
-    convert,
     export_onnx,
     export_packed,
     info_of,
@@ -35,6 +34,7 @@ from mcn_compress import (
 )
 from mcn_compress.cli import app
 from mcn_compress.formats.quantize import dequantize_int8, quantize_int8
+from mcn_compress.nn.mcconv import MCConv2d
 
 pytest.importorskip("onnxruntime")
 
@@ -69,7 +69,7 @@ def float_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def mcn_model(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = convert(load_float_model(name, pretrained=False), MCNConfig(planes=4), initialize=False)
+    model = bare_convert(load_float_model(name, pretrained=False), MCNConfig(planes=4))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, MCConv2d):
@@ -212,7 +212,7 @@ def test_resnet18_int8_packed_size(tmp_path: Path) -> None:
     """Issue 16: timm resnet18 K=4 with int8 float layers <= 1.1 MB, >= 42x smaller than its
     float32 weights, close to the theoretical minimum."""
     float_model = load_float_model("resnet18", pretrained=False)
-    model = convert(float_model, MCNConfig(planes=4, width="keep"), initialize=False)
+    model = bare_convert(float_model, MCNConfig(planes=4, width="keep"))
     float32_bytes = 4 * sum(
         v.numel() for v in float_model.state_dict().values() if v.is_floating_point()
     )

@@ -81,6 +81,65 @@ def test_no_import_cycle_inside_the_package() -> None:
     assert _cycle(inner) is None, f"import cycle: {' -> '.join(_cycle(inner) or [])}"
 
 
+LEVELS = {  # docs/design.md section 4.1: a module imports only from its level and below
+    "errors": 0,
+    "version": 0,
+    "config": 0,
+    "nn": 1,
+    "module_utils": 1,
+    "passes": 2,
+    "info": 2,
+    "models": 2,
+    "smallnets": 2,
+    "data": 2,
+    "formats": 3,
+    "storage": 3,
+    "training": 4,
+    "evaluate": 4,
+    "calibration_data": 4,
+    "profile": 5,
+    "plot": 5,
+    "experiments": 5,
+    "cli": 6,
+    "__main__": 7,
+}
+
+
+def _part(module: str) -> str:
+    """The top-level module or sub-package of ``module`` (``mcn_compress.passes.keep`` ->
+    ``passes``)."""
+    return module.split(".")[1]
+
+
+def _upward_imports(graph: dict[str, set[str]], levels: dict[str, int]) -> list[str]:
+    return sorted(
+        f"{module} -> {dep}"
+        for module, deps in graph.items()
+        if module != "mcn_compress"
+        for dep in deps
+        if dep != "mcn_compress" and levels[_part(dep)] > levels[_part(module)]
+    )
+
+
+def test_imports_run_down_the_layers() -> None:
+    graph = _graph()
+    parts = {_part(m) for m in graph if m != "mcn_compress"}
+    assert parts <= set(LEVELS), f"place these in LEVELS: {sorted(parts - set(LEVELS))}"
+    assert _upward_imports(graph, LEVELS) == []
+    # the CLI is the only door to printing: nothing but the entry points imports it
+    users = {m for m, deps in graph.items() if any(_part_or_root(d) == "cli" for d in deps)}
+    assert {_part_or_root(m) for m in users} <= {"cli", "__main__"}
+
+
+def _part_or_root(module: str) -> str:
+    return _part(module) if "." in module else module
+
+
+def test_the_layer_check_finds_an_upward_import() -> None:
+    graph = {"mcn_compress.nn.a": {"mcn_compress.formats.b"}, "mcn_compress.formats.b": set()}
+    assert _upward_imports(graph, LEVELS) == ["mcn_compress.nn.a -> mcn_compress.formats.b"]
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from mcn_compress import ConfigError, MCConv2d
+from mcn_compress import ConfigError
+from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.training.loss import MCNLoss, classifier_of
 
 DT = torch.float64

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcn_compress import MCConv2d
+from mcn_compress.nn.mcconv import MCConv2d
 
 DT = torch.float64
 

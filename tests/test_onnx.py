@@ -16,21 +16,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from model_helpers import bare_convert
 from onnx import numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from mcn_compress import (
-    ConfigError,
-    MCConv2d,
-    MCNConfig,
-    convert,
-    export_onnx,
-    load_float_model,
-    save,
-)
+from mcn_compress import ConfigError, MCNConfig, export_onnx, load_float_model, save
 from mcn_compress.cli import app
 from mcn_compress.errors import ExportError
+from mcn_compress.nn.mcconv import MCConv2d
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -64,7 +58,7 @@ def scramble(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def mcn_model(name: str, planes: int = 4, **config: Any) -> nn.Module:
     float_model = load_float_model(name, pretrained=False)
-    model = convert(float_model, MCNConfig(planes=planes, **config), initialize=False)
+    model = bare_convert(float_model, MCNConfig(planes=planes, **config))
     return scramble(model).eval()
 
 

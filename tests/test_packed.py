@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_helpers import bare_convert
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -21,9 +22,7 @@ from typer.testing import CliRunner
 import mcn_compress
 from mcn_compress import (
     CheckpointError,
-    MCConv2d,
     MCNConfig,
-    convert,
     export_packed,
     info_of,
     load_float_model,
@@ -32,6 +31,7 @@ from mcn_compress import (
 from mcn_compress.cli import app
 from mcn_compress.formats.load import load
 from mcn_compress.formats.packed import load_packed, pack_signs, unpack_signs
+from mcn_compress.nn.mcconv import MCConv2d
 
 SLACK = 16 * 1024
 
@@ -65,7 +65,7 @@ def scramble(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def mcn_model(name: str, **kwargs: object) -> nn.Module:
     float_model = load_float_model(name, pretrained=False, **kwargs)  # type: ignore[arg-type]
-    return scramble(convert(float_model, MCNConfig(planes=4), initialize=False)).eval()
+    return scramble(bare_convert(float_model, MCNConfig(planes=4))).eval()
 
 
 def independent_minimum(checkpoint: Path, bytes_per_float: int) -> int:
@@ -168,7 +168,7 @@ def test_round_trip_is_exact_and_within_bound(name: str, tmp_path: Path) -> None
 @pytest.mark.parametrize("config", [MCNConfig(planes=2, mcn1=True), MCNConfig(planes=1)])
 def test_round_trip_other_configs(config: MCNConfig, tmp_path: Path) -> None:
     float_model = load_float_model("test_resnet", pretrained=False)
-    model = scramble(convert(float_model, config, initialize=False)).eval()
+    model = scramble(bare_convert(float_model, config)).eval()
     loaded = load_packed(export_packed(model, tmp_path / "m.mcn"))
     assert info_of(loaded).config == config
     x = torch.randn(2, 3, 32, 32)
@@ -178,7 +178,7 @@ def test_round_trip_other_configs(config: MCNConfig, tmp_path: Path) -> None:
 def test_resnet18_goal_15x_smaller_than_float32(tmp_path: Path) -> None:
     """Goal of the issue: timm resnet18, K=4, width keep: >= 15x below float32, within bound."""
     float_model = load_float_model("resnet18", pretrained=False)
-    model = convert(float_model, MCNConfig(planes=4, width="keep"), initialize=False)
+    model = bare_convert(float_model, MCNConfig(planes=4, width="keep"))
     ckpt = save(model, tmp_path / "r18.pt")
     packed = export_packed(model, tmp_path / "r18.mcn")
     float32_bytes = 4 * sum(

@@ -13,7 +13,8 @@ import torch
 import yaml
 from torch import nn
 
-from mcn_compress import ConfigError, MCConv2d, MCNConfig, MCNError
+from mcn_compress import ConfigError, MCNConfig, MCNError
+from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.training.optim import build_param_groups
 from mcn_compress.training.recipe import (
     Recipe,
@@ -70,7 +71,12 @@ def test_every_shipped_recipe_validates(path: Path) -> None:
 
 def test_fashion_mnist_recipe_uses_the_benchmark_winners() -> None:
     """The shipped recipe and the quickstart/benchmark pipeline must not drift apart."""
-    from mcn_compress.pipeline import MCN_LOSS, MCN_OPTIM, Budget, mcn_warmup_epochs
+    from mcn_compress.experiments.fashion_mnist import (
+        MCN_LOSS,
+        MCN_OPTIM,
+        Budget,
+        mcn_warmup_epochs,
+    )
 
     recipe = load_recipe(next(p for p in RECIPES if p.name == "fashion-mnist.yaml"))
     assert recipe.data.augment is Budget().augment is False
@@ -86,7 +92,7 @@ def test_fashion_mnist_recipe_uses_the_benchmark_winners() -> None:
 
 @pytest.mark.parametrize(("epochs", "warmup"), [(1, 0), (2, 1), (3, 1), (10, 2), (20, 4)])
 def test_mcn_warmup_is_a_fifth_of_the_epochs(epochs: int, warmup: int) -> None:
-    from mcn_compress.pipeline import mcn_warmup_epochs
+    from mcn_compress.experiments.fashion_mnist import mcn_warmup_epochs
 
     assert mcn_warmup_epochs(epochs) == warmup
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mcn_compress import MCConv2d, MCNConfig, convert, info_of, load, load_float_model, save
+from mcn_compress import MCNConfig, convert, info_of, load, load_float_model, save
+from mcn_compress.nn.mcconv import MCConv2d
 
 # model name -> its stem conv (the first conv the input meets)
 ZOO = {

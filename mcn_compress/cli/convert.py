@@ -16,6 +16,7 @@ from mcn_compress.errors import ConfigError, OutputError
 from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.info import info_of
 from mcn_compress.module_utils import resolve_input_shape
+from mcn_compress.passes.calibration import CalibrationStep
 from mcn_compress.passes.distill import (
     DEFAULT_IMAGES,
     DEFAULT_STEPS,
@@ -141,6 +142,7 @@ def convert_command(
     from mcn_compress.config import MCNConfig
     from mcn_compress.formats.checkpoint import save
     from mcn_compress.models import load_float_model
+    from mcn_compress.passes.calibration import calibrate
     from mcn_compress.passes.convert import convert
 
     show = not (quiet or json_output)
@@ -185,25 +187,22 @@ def convert_command(
             def on_layer(name: str, index: int, total: int) -> None:
                 bar.update(task, completed=index, total=total, item=name)
 
-            n = len(calibration.dataset) if calibration is not None else 0  # type: ignore[arg-type]
-            cal = bar.add_task("Calibrating BN", total=n, item="images", visible=False)
-            dist = bar.add_task("Distilling", total=calibrate_steps, item="", visible=False)
+            mcn = convert(float_model, config, progress=on_layer)
+            if calibration is not None:
+                n = len(calibration.dataset)  # type: ignore[arg-type]
+                cal = bar.add_task("Calibrating BN", total=n, item="images", visible=False)
+                dist = bar.add_task("Distilling", total=calibrate_steps, item="", visible=False)
 
-            def on_images(k: int) -> None:
-                bar.update(cal, advance=k, visible=True)
+                def on_calibration(event: CalibrationStep) -> None:
+                    if event.stage == "batchnorm":
+                        bar.update(cal, completed=event.done, visible=True)
+                    else:
+                        kl = f"KL {event.kl:.4f}" if event.kl is not None else ""
+                        bar.update(dist, completed=event.done, item=kl, visible=True)
 
-            def on_step(step: int, kl: float) -> None:
-                bar.update(dist, completed=step, item=f"KL {kl:.4f}", visible=True)
-
-            mcn = convert(
-                float_model,
-                config,
-                progress=on_layer,
-                calibration=calibration,
-                calibration_progress=on_images,
-                calibration_steps=calibrate_steps if calibration is not None else 0,
-                distill_progress=on_step,
-            )
+                calibrate(
+                    mcn, float_model, calibration, steps=calibrate_steps, progress=on_calibration
+                )
         save(mcn, out_path)
         summary = info_of(mcn).summary
         assert summary is not None

@@ -60,8 +60,8 @@ def quickstart_command(
 
     Needs the data: apt-get install -y dataset-fashion-mnist
     """
-    from mcn_compress.pipeline import Budget
-    from mcn_compress.quickstart import quickstart
+    from mcn_compress.experiments.fashion_mnist import Budget
+    from mcn_compress.experiments.quickstart import quickstart
 
     show = not (quiet or json_output)
     budget = Budget(

@@ -174,13 +174,13 @@ def check_digest(data: dict[str, Any], path: str | Path) -> None:
 
 def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> nn.Module:
     """Rebuild the float architecture, convert it with the stored config, load the weights."""
-    from mcn_compress.passes.convert import convert
+    from mcn_compress.passes.convert import rebuild
 
     try:
         source = ModelSource.from_dict(data["model"])
         config = MCNConfig.from_dict(data["mcn"])
         float_model = build_model(source, pretrained=False)
-        model = convert(float_model, config, layers=list(data["layers"]), initialize=False)
+        model = rebuild(float_model, config, list(data["layers"]))
     except (ModelLoadError, ConfigError, ConversionError) as exc:
         raise CheckpointError(f"{origin}: cannot rebuild the model: {exc}") from exc
     load_model_state(model, data, origin)

@@ -8,6 +8,7 @@ always gives the same SHA-256 and one flipped byte anywhere gives another.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,4 +38,13 @@ def content_digest(data: Any, skip: str = DIGEST_KEY) -> str:
     """SHA-256 of ``data`` (a dict's ``skip`` key left out), in canonical order."""
     h = hashlib.sha256()
     _feed(h, {k: v for k, v in data.items() if k != skip} if isinstance(data, dict) else data)
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
     return h.hexdigest()

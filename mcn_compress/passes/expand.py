@@ -50,6 +50,7 @@ from mcn_compress.module_utils import set_submodule
 from mcn_compress.nn.expand_init import PLANE_SPREAD, expanded_error
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.policy import (
+    FilterFn,
     LayerDecision,
     analyse_model,
     fixed_decisions,
@@ -205,7 +206,10 @@ def plan_expansion(
 
 # --- the pass -------------------------------------------------------------------------------
 def _decisions(
-    model: nn.Module, config: MCNConfig, layers: Sequence[str] | None
+    model: nn.Module,
+    config: MCNConfig,
+    layers: Sequence[str] | None,
+    filter_fn: FilterFn | None = None,
 ) -> list[LayerDecision]:
     info = analyse_model(model)
     if not info.traced:
@@ -216,7 +220,7 @@ def _decisions(
     if layers is None:
         # Widened channel counts are multiples of K: the keep policy with K = 1 decides.
         policy = dataclasses.replace(config, planes=1, width="keep")
-        return plan_conversion(model, policy, info)
+        return plan_conversion(model, policy, info, filter_fn)
     return fixed_decisions(model, list(layers), info)
 
 
@@ -248,6 +252,7 @@ def expand_model(
     model: nn.Module,
     config: MCNConfig,
     *,
+    filter_fn: FilterFn | None = None,
     layers: Sequence[str] | None = None,
     initialize: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
@@ -256,7 +261,7 @@ def expand_model(
 ) -> fx.GraphModule:
     """The ``width: expand`` conversion of ``model`` (not mutated); see the module docstring.
 
-    Arguments as `mcn_compress.passes.convert.convert`; ``binarize=False`` widens the
+    Arguments as `mcn_compress.passes.convert`; ``binarize=False`` widens the
     converted convs as float convs instead (`widen_conv`): the widened float network, which
     equals ``model`` on every input, for testing the widening rules. ``spread`` is the
     relative spread of the K M-Filter planes at init (`plane_factors`).
@@ -268,7 +273,7 @@ def expand_model(
         torch.Size([1, 1000])
     """
     k = config.planes
-    decisions = _decisions(model, config, layers)
+    decisions = _decisions(model, config, layers, filter_fn)
     to_convert = [d.name for d in decisions if d.convert]
     if not to_convert:
         raise ConversionError(

@@ -16,6 +16,7 @@ from mcn_compress.module_utils import set_submodule
 from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.policy import (
+    FilterFn,
     LayerDecision,
     analyse_model,
     fixed_decisions,
@@ -55,18 +56,19 @@ def convert_keep(
     model: nn.Module,
     config: MCNConfig,
     *,
+    filter_fn: FilterFn | None = None,
     layers: Sequence[str] | None = None,
     initialize: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> nn.Module:
     """The ``width: keep`` conversion of ``model`` (not mutated): a deep copy in which every
     conv the policy chooses (or every conv in ``layers``) is an `MCConv2d`, keeping the
-    original's class, attributes and methods. Arguments as `mcn_compress.passes.convert.convert`.
+    original's class, attributes and methods. Arguments as `mcn_compress.passes.convert`.
     """
     info = analyse_model(model)
     modules = dict(model.named_modules())
     if layers is None:
-        decisions = plan_conversion(model, config, info)
+        decisions = plan_conversion(model, config, info, filter_fn)
     else:
         decisions = fixed_decisions(model, list(layers), info)
     to_convert = [d.name for d in decisions if d.convert]

@@ -1,19 +1,18 @@
-"""The conversion pass: float model -> MCN (docs/design.md section 2, "Which layers convert").
+"""The layer policy: which convs of a float model convert (docs/design.md section 2.8).
 
-`convert(model, config)` traces the model with torch.fx (MCConv2d and timm's untraceable
-layers as leaves) to find every conv in execution order, decides per conv by the layer policy
-(`plan_conversion`, a pure function), then swaps the chosen convs for `MCConv2d` in a deep copy,
-initialised by least squares from the pretrained filters. The copy keeps the original's class,
-attributes and methods (timm `forward_features`, `get_classifier`, `pretrained_cfg`, ...); the
-input model is never mutated. If FX cannot trace the model the pass falls back to module
-registration order and says so in the summary.
+`analyse_model` traces the model with torch.fx (MCConv2d and timm's untraceable layers as
+leaves) to list every conv in execution order and find the stem and the classifier; if FX
+cannot trace it, module registration order stands in and the result says so.
+`plan_conversion` (a pure function) then decides per conv, with the reason for every conv that
+stays float; a user's ``filter_fn(module, name)`` can refuse more. `fixed_decisions` converts
+exactly a checkpoint's list instead.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -26,6 +25,12 @@ _logger = logging.getLogger(__name__)
 
 REASON_STEM = "stem (first conv of the network)"
 REASON_CLASSIFIER = "classifier"
+REASON_FILTER = "refused by filter_fn"
+
+FilterFn = Callable[[nn.Module, str], bool]
+"""``filter_fn(module, name)``: whether the conv at ``name`` may convert (as torchao's
+``quantize_(model, config, filter_fn)``); it is asked only about convs the policy would
+convert."""
 
 
 @dataclass(frozen=True)
@@ -178,14 +183,22 @@ def _decide(
 
 
 def plan_conversion(
-    model: nn.Module, config: MCNConfig, info: ModelGraphInfo | None = None
+    model: nn.Module,
+    config: MCNConfig,
+    info: ModelGraphInfo | None = None,
+    filter_fn: FilterFn | None = None,
 ) -> list[LayerDecision]:
-    """Apply the layer policy to every `nn.Conv2d` of ``model``, in execution order."""
+    """Apply the layer policy to every `nn.Conv2d` of ``model``, in execution order; a conv
+    the policy would convert stays float when ``filter_fn(module, name)`` is false."""
     info = info or analyse_model(model)
     modules = dict(model.named_modules())
-    return [
-        _decide(name, modules[name], info, config, name in info.called) for name in info.conv_order
-    ]
+    decisions = []
+    for name in info.conv_order:
+        decision = _decide(name, modules[name], info, config, name in info.called)
+        if decision.convert and filter_fn is not None and not filter_fn(modules[name], name):
+            decision = LayerDecision(name, False, REASON_FILTER)
+        decisions.append(decision)
+    return decisions
 
 
 def fixed_decisions(

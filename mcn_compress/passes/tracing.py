@@ -14,13 +14,14 @@ _logger = logging.getLogger(__name__)
 
 
 def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., Any], ...]]:
-    """timm's registered leaf modules and autowrap functions (empty when timm is absent)."""
+    """timm's registered leaf modules and autowrap functions, from its public API (empty when
+    timm is absent)."""
     try:
-        from timm.layers import _fx as timm_fx
+        from timm.models import get_notrace_functions, get_notrace_modules
     except ImportError:  # pragma: no cover - timm is a runtime dependency
         return (), ()
-    modules = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
-    functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+    modules = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+    functions = tuple(f for f in get_notrace_functions() if callable(f))
     return modules, functions
 
 

@@ -1,12 +1,12 @@
 """The whole job on Fashion-MNIST: train a float model, convert it, fine-tune, measure.
 
-Used by `mcn-compress quickstart` and `benchmarks/fashion_mnist.py`. Everything runs offline
+Used by `mcn-compress quickstart` (`experiments.quickstart`) and
+`benchmarks/fashion_mnist.py`. Everything runs offline
 on Debian's ``dataset-fashion-mnist`` files (docs/design.md section 5) and on a CPU.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mcn_compress.errors import PipelineStopped
+from mcn_compress.formats.digest import file_digest
 from mcn_compress.module_utils import conv_bits
 from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
 from mcn_compress.training.recipe import Recipe, recipe_from_dict, recipe_to_dict
@@ -233,20 +234,21 @@ def _calibrated_trainer(
     label-free distillation from the float model (docs/design.md section 2.10; None when
     ``budget.calibrate_steps`` is 0)."""
     from mcn_compress.calibration_data import calibration_data
+    from mcn_compress.passes.calibration import calibrate
     from mcn_compress.passes.convert import convert
-    from mcn_compress.passes.distill import distill_from_float
 
     assert recipe.model.convert is not None
     teacher = float_model(budget, float_weights).eval()
     source = f"fashion_mnist:{budget.root}" if budget.root else "fashion_mnist"
     images = calibration_data(source, teacher, budget.calibrate_images, seed=budget.seed)
-    model = convert(teacher, recipe.model.convert, calibration=images)
+    model = convert(teacher, recipe.model.convert)
+    calibrate(model, teacher, images)
     trainer = Trainer(recipe, callbacks=callbacks, model=model, overwrite=True)
     start_top1 = trainer.evaluate()[1]
     if not budget.calibrate_steps:
         return trainer, start_top1, None
     teacher.to(trainer.device)
-    distill_from_float(trainer.model, teacher, images, budget.calibrate_steps)
+    calibrate(trainer.model, teacher, images, steps=budget.calibrate_steps)
     return trainer, start_top1, trainer.evaluate()[1]
 
 
@@ -256,18 +258,10 @@ def _save_variant(result: VariantResult, float_weights: Path) -> None:
     data = {
         **asdict(result),
         "run_dir": str(result.run_dir),
-        _WEIGHTS_DIGEST: _file_digest(float_weights),
+        _WEIGHTS_DIGEST: file_digest(float_weights),
     }
     text = json.dumps(data, indent=2)
     atomic_write(result.run_dir / _VARIANT_FILE, lambda tmp: tmp.write_text(text))
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _same_recipe(run_dir: Path, recipe: Recipe, weights_digest: str | None = None) -> bool:
@@ -288,7 +282,7 @@ def _same_recipe(run_dir: Path, recipe: Recipe, weights_digest: str | None = Non
     wanted["output"].pop("dir", None)
     weights = recipe.model.weights
     if weights_digest and weights and Path(weights).is_file():
-        if _file_digest(Path(weights)) != weights_digest:
+        if file_digest(Path(weights)) != weights_digest:
             return False
         saved.get("model", {}).pop("weights", None)
         wanted["model"].pop("weights", None)

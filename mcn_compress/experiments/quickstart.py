@@ -6,7 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcn_compress.pipeline import Budget, Variant, finetune_variant, float_model, pretrain_float
+from mcn_compress.experiments.fashion_mnist import (
+    Budget,
+    Variant,
+    finetune_variant,
+    float_model,
+    pretrain_float,
+)
 from mcn_compress.training.run_dir import read_history
 from mcn_compress.training.trainer import TrainCallbacks
 
