@@ -163,7 +163,13 @@ def test_modules_and_classes_stay_small() -> None:
 
 def test_no_reference_to_files_outside_the_repository() -> None:
     outside = re.compile(r"DESIGN\.md|\.\./shared|/work/")
-    files = [*PACKAGE.rglob("*.py"), ROOT / "README.md", *(ROOT / "benchmarks").glob("*.py")]
+    files = [
+        *PACKAGE.rglob("*.py"),
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "recipes").glob("*.yaml"),
+        *(ROOT / "benchmarks").glob("*.py"),
+    ]
     hits = [
         f"{path.relative_to(ROOT)}:{number}"
         for path in files
@@ -172,3 +178,16 @@ def test_no_reference_to_files_outside_the_repository() -> None:
     ]
     assert hits == []
     assert (ROOT / "docs" / "design.md").is_file()
+
+
+def test_links_between_the_docs_resolve() -> None:
+    """Every relative Markdown link of the README and docs/ names a file of the repository."""
+    link = re.compile(r"\]\(([\w./-]+\.(?:md|yaml|py|toml|png))(?:#[^)]*)?\)")
+    broken = []
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in link.findall(page.read_text()):
+            if "://" in target:
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert broken == []
