@@ -255,9 +255,12 @@ def test_two_process_gloo(tmp_path: Path) -> None:
     ]
 
 
-def test_finetune_a_converted_checkpoint_with_a_float_recipe(tmp_path: Path) -> None:
+def test_finetune_a_converted_checkpoint_with_a_float_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`finetune m.pt --recipe R`: the recipe's float source (name, weights, convert) is
     dropped, its 1-epoch warmup is clamped for a 1-epoch run, the checkpoint is the parent."""
+    monkeypatch.chdir(tmp_path)  # relative paths must not meet a user's earlier runs
     runner = CliRunner()
     ckpt = tmp_path / "m.pt"
     converted = runner.invoke(
