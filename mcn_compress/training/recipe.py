@@ -407,7 +407,8 @@ def resolve_recipe_paths(
 ) -> dict[str, Any]:
     """Resolve the relative input paths of a recipe file (`INPUT_PATHS`, not those given by
     ``overrides``): a path that exists from the current folder is kept, else one that exists
-    from ``recipe_dir`` (the recipe's folder) is rewritten to it; one log line says which.
+    from ``recipe_dir`` (the recipe's folder) is rewritten to it; one log line says which (a
+    warning when the path is rewritten or exists in both places).
     Paths found in neither place are left as they are (the step that needs them says so)."""
     result = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
     given = _set_keys(overrides)
@@ -421,9 +422,11 @@ def resolve_recipe_paths(
         beside = recipe_dir / value
         if Path(value).exists():
             where = "the current folder"
-            if beside.exists() and beside.resolve() != Path(value).resolve():
+            both = beside.exists() and beside.resolve() != Path(value).resolve()
+            if both:
                 where += f" (not the recipe's folder {recipe_dir})"
-            _logger.warning("%s.%s %s: relative to %s", section, key, value, where)
+            level = logging.WARNING if both else logging.INFO  # a warning only when it is unclear
+            _logger.log(level, "%s.%s %s: relative to %s", section, key, value, where)
         elif beside.exists():
             assert isinstance(block, dict)
             block[key] = str(beside)
