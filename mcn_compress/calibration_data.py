@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from mcn_compress.data import UnlabeledImages, eval_transform, find_images
+from mcn_compress.data import UnlabeledImages, eval_transform, find_images, image_mode
 from mcn_compress.errors import ConfigError, DataError
 from mcn_compress.module_utils import in_channels, resolve_input_shape
 from mcn_compress.passes.distill import DEFAULT_IMAGES
@@ -27,6 +27,20 @@ from mcn_compress.training.recipe import DataRecipe
 #: dataset names accepted in place of a directory (``NAME`` or ``NAME:ROOT``)
 CALIBRATION_DATASETS: tuple[str, ...] = ("fashion_mnist", "cifar10", "cifar100", "synthetic")
 SYNTHETIC_IMAGES = 2048  # how many synthetic images when no count is given
+
+
+MAX_IMAGES = 1_000_000
+"""Most calibration images (the default uses 1,024; BatchNorm statistics settle long before)."""
+
+
+def check_image_count(count: int | None) -> None:
+    """Refuse a calibration image count below 1 or above `MAX_IMAGES` (`ConfigError`); a
+    source with fewer images gives all it has."""
+    if count is not None and not 1 <= count <= MAX_IMAGES:
+        raise ConfigError(
+            f"--calibrate-images {count}: expected 1 to {MAX_IMAGES:,} images (the default "
+            f"{DEFAULT_IMAGES:,} is usually enough)"
+        )
 
 
 SMALL_INPUT = 64 * 64  # inputs up to this many pixels get the large default batch
@@ -71,9 +85,10 @@ def calibration_data(
 
     Raises `ConfigError` for a source that is neither, `DataError` for missing data.
     """
+    check_image_count(max_images)
     batch_size = batch_size or default_batch_size(model)
-    if batch_size < 1 or (max_images is not None and max_images < 1):
-        raise ConfigError(f"batch size and image count must be >= 1: {batch_size}, {max_images}")
+    if batch_size < 1:
+        raise ConfigError(f"the calibration batch size must be >= 1, got {batch_size}")
     text = str(source)
     name, _, root = text.partition(":")
     if Path(text).is_dir():
@@ -85,7 +100,7 @@ def calibration_data(
         if max_images is not None and max_images < len(files):
             pick = torch.randperm(len(files), generator=generator)[:max_images]
             files = [files[int(i)] for i in sorted(pick.tolist())]
-        mode = "L" if in_channels(model) == 1 else "RGB"
+        mode = image_mode(in_channels(model))
         dataset: Dataset[Any] = UnlabeledImages(files, eval_transform(model), mode)
     elif name in CALIBRATION_DATASETS:
         dataset = _dataset(name, root, model, max_images, seed)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 from mcn_compress.errors import ConfigError
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 40
+
+
+def _show(value: Any) -> str:
+    """A short repr of ``value`` for messages (never the whole of a large value)."""
+    return _REPR.repr(value)
+
 
 Width = Literal["keep", "expand"]
 WIDTHS: tuple[str, ...] = ("keep", "expand")
@@ -50,17 +61,26 @@ class MCNConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.planes, bool) or not isinstance(self.planes, int) or self.planes < 1:
-            raise ConfigError(f"planes (K) must be a positive integer, got {self.planes!r}")
-        if self.width not in WIDTHS:
-            raise ConfigError(f"width must be one of {', '.join(WIDTHS)}, got {self.width!r}")
-        if not self.clip > 0:
-            raise ConfigError(f"clip must be positive, got {self.clip!r}")
+            raise ConfigError(f"planes (K) must be a positive integer, got {_show(self.planes)}")
+        if not isinstance(self.width, str) or self.width not in WIDTHS:
+            raise ConfigError(f"width must be one of {', '.join(WIDTHS)}, got {_show(self.width)}")
+        for name in ("mcn1", "grouped"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {_show(getattr(self, name))}")
+        real = isinstance(self.clip, int | float) and not isinstance(self.clip, bool)
+        if not real or not 0 < self.clip < math.inf:
+            raise ConfigError(f"clip must be a positive number, got {_show(self.clip)}")
         if isinstance(self.init_iters, bool) or not isinstance(self.init_iters, int):
-            raise ConfigError(f"init_iters must be an integer, got {self.init_iters!r}")
+            raise ConfigError(f"init_iters must be an integer, got {_show(self.init_iters)}")
         if self.init_iters < 1:
             raise ConfigError(f"init_iters must be at least 1, got {self.init_iters}")
         for name in ("include", "exclude"):
-            patterns = tuple(getattr(self, name))
+            patterns = getattr(self, name)
+            if not isinstance(patterns, list | tuple) or not all(
+                isinstance(p, str) for p in patterns
+            ):
+                raise ConfigError(f"{name} must be a list of regex strings, got {_show(patterns)}")
+            patterns = tuple(patterns)
             object.__setattr__(self, name, patterns)
             for pattern in patterns:
                 try:
@@ -93,7 +113,4 @@ class MCNConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown MCN config keys: {', '.join(unknown)}")
-        for name in ("include", "exclude"):
-            if name in values:
-                values[name] = tuple(values[name])
         return cls(**values)

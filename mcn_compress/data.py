@@ -13,11 +13,8 @@ a seeded synthetic set for smoke runs. Nothing is ever downloaded: missing data 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import logging
-import math
-import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from mcn_compress.errors import DataError, first_line
+from mcn_compress.errors import DataError
+from mcn_compress.idx import read_idx
+from mcn_compress.images import ImageLoader, read_image
 from mcn_compress.module_utils import in_channels
 
 if TYPE_CHECKING:
@@ -61,9 +60,6 @@ FASHION_MNIST_CLASSES = (
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}
 KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
 SYNTHETIC_DEFAULT_SIZES = (1024, 256)
-
-# IDX type codes (http://yann.lecun.com/exdb/mnist/): code -> big-endian numpy dtype
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 Sample = tuple[torch.Tensor, int]
 
@@ -98,14 +94,7 @@ class UnlabeledImages(Dataset[torch.Tensor]):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                return self.transform(image.convert(self.mode))
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"cannot read image {path}: {first_line(exc)}") from exc
+        return self.transform(read_image(self.files[index], self.mode))
 
 
 def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
@@ -119,39 +108,6 @@ def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
 # ------------------------------------------------------------------------------------------
 # IDX files (MNIST / Fashion-MNIST)
 # ------------------------------------------------------------------------------------------
-def read_idx(path: str | Path) -> torch.Tensor:
-    """Parse an IDX file (gzip-compressed or not) into a tensor.
-
-    Header: two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
-    0x0D float32, 0x0E float64), the number of dimensions, then each dimension as a big-endian
-    uint32; the data follows, big-endian, row-major.
-    """
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DataError(f"{path}: IDX header is truncated or has no dimensions")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = math.prod(dims) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{path}: IDX data has {len(raw) - header} bytes, its header {list(dims)} "
-            f"({dtype.name}) needs {expected}"
-        )
-    array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
-    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
-
-
 def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
     """The four Fashion-MNIST IDX files (``.gz`` or not) under ``root``.
 
@@ -226,8 +182,17 @@ def load_fashion_mnist(
             f"{files[f'{prefix}_images']}: expected uint8 images (N, H, W) and labels (N,), got "
             f"{tuple(images.shape)} {images.dtype} and {tuple(labels.shape)}"
         )
-    if labels.numel() and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
-        raise DataError(f"{files[f'{prefix}_labels']}: label {int(labels.max())} out of range")
+    if labels.is_floating_point() or images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{files[f'{prefix}_labels']}: expected {images.shape[0]} integer labels, got "
+            f"{labels.shape[0]} {str(labels.dtype).removeprefix('torch.')}"
+        )
+    bad = labels[(labels < 0) | (labels >= len(FASHION_MNIST_CLASSES))]
+    if bad.numel():
+        raise DataError(
+            f"{files[f'{prefix}_labels']}: label {int(bad[0])} out of range (expected 0 to "
+            f"{len(FASHION_MNIST_CLASSES) - 1})"
+        )
     return ArrayImages(images, labels, FASHION_MNIST_CLASSES, transform)
 
 
@@ -345,9 +310,14 @@ class ToMode:
         return f"ToMode({self.mode!r})"
 
 
-def _image_mode(in_chans: int) -> str:
+def image_mode(in_chans: int) -> str:
+    """The PIL mode of images for a model with ``in_chans`` input channels (1: ``L``, 3:
+    ``RGB``); other counts are a `DataError`, since image files have 1 or 3 channels."""
     if in_chans not in (1, 3):
-        raise DataError(f"the model takes {in_chans} input channels; image data has 1 or 3")
+        raise DataError(
+            f"the model takes {in_chans} input channels, but images have 1 (gray) or 3 (RGB); "
+            "use a model with --in-chans 1 or 3 for image data"
+        )
     return "L" if in_chans == 1 else "RGB"
 
 
@@ -377,7 +347,7 @@ def small_image_transform(
     """
     from torchvision import transforms as T
 
-    ops: list[Callable[[Any], Any]] = [ToMode(_image_mode(in_chans))]
+    ops: list[Callable[[Any], Any]] = [ToMode(image_mode(in_chans))]
     if size != native:
         ops.append(T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR))
     if train:
@@ -401,7 +371,7 @@ def imagefolder_transforms(
     config = resolve_data_config(args, model=model)
     config["input_size"] = (in_chans, *tuple(config["input_size"])[1:])
     config["mean"], config["std"] = _normalization(model, in_chans)
-    mode = ToMode(_image_mode(in_chans))
+    mode = ToMode(image_mode(in_chans))
     train = T.Compose([mode, create_transform(**config, is_training=True)])
     val = T.Compose([mode, create_transform(**config, is_training=False)])
     return train, val
@@ -427,8 +397,8 @@ def _imagefolder(
     if not data_cfg.augment:
         train_tf = val_tf
     try:
-        train = ImageFolder(str(root / "train"), transform=train_tf)
-        val = ImageFolder(str(root / "val"), transform=val_tf)
+        train = ImageFolder(str(root / "train"), transform=train_tf, loader=ImageLoader())
+        val = ImageFolder(str(root / "val"), transform=val_tf, loader=ImageLoader())
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"image folder data under {root} is unusable: {exc}") from exc
     if train.classes != val.classes:

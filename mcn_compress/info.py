@@ -36,6 +36,23 @@ MODEL_KWARGS: dict[str, tuple[type, ...]] = {
 description is data, not instructions: keys that name a file (``checkpoint_path``), overlay a
 config (``pretrained_cfg_overlay``) or anything else are refused at save and at load."""
 
+KWARG_RANGES: dict[str, tuple[float, float]] = {
+    "num_classes": (1, 100_000),
+    "in_chans": (1, 1024),
+    "drop_rate": (0.0, 1.0),
+    "drop_path_rate": (0.0, 1.0),
+    "mlp_ratio": (0.0, 64.0),
+}
+"""Allowed value ranges (a stored ``num_classes`` of 1e9 would allocate a classifier of
+terabytes before any check could refuse it)."""
+RANGE_WORDS = {
+    "num_classes": "expected an integer from 1 to 100,000",
+    "in_chans": "expected an integer from 1 to 1,024",
+    "drop_rate": "expected a number from 0 to 1",
+    "drop_path_rate": "expected a number from 0 to 1",
+    "mlp_ratio": "expected a number from 0 to 64",
+}
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -66,8 +83,11 @@ class ModelSource:
                 )
             if isinstance(value, bool) or not isinstance(value, kinds):
                 raise ModelLoadError(f"model constructor key {key!r} has a bad value {value!r}")
-            if key in ("num_classes", "in_chans") and value < 1:
-                raise ModelLoadError(f"{key} must be a positive integer, got {value}")
+            low, high = KWARG_RANGES[key]
+            if not low <= value <= high:
+                raise ModelLoadError(
+                    f"model constructor key {key!r} is {value!r}; {RANGE_WORDS[key]}"
+                )
 
     @property
     def display_name(self) -> str:
@@ -90,7 +110,7 @@ class ModelSource:
                 kwargs=dict(data.get("kwargs") or {}),
                 weights=data.get("weights"),
             )
-        except (KeyError, TypeError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(f"invalid model source record: {exc}") from exc
 
 

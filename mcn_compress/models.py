@@ -17,6 +17,7 @@ from torch import nn
 
 from mcn_compress.errors import ModelLoadError
 from mcn_compress.info import TV_PREFIX, ModelSource, update_info
+from mcn_compress.limits import check_file, file_problem
 
 _logger = logging.getLogger(__name__)
 
@@ -103,15 +104,30 @@ def build_model(source: ModelSource, pretrained: bool = False) -> nn.Module:
     return model
 
 
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+
+
+def rebuild_model(source: ModelSource) -> nn.Module:
+    """The float architecture of a stored model description, built offline (docs/design.md
+    4.5): ``pretrained=False``, and a Hugging Face Hub name is refused before timm sees it,
+    since timm would fetch the hub's config (and apply its constructor arguments)."""
+    if source.name.startswith(HUB_PREFIXES):
+        raise ModelLoadError(
+            f"it names the Hugging Face Hub model {source.name}, and opening a file never "
+            "reaches the network; convert again from a local timm name with the weights in a "
+            "file (mcn-compress convert ARCH --weights FILE -o model.pt)"
+        )
+    return build_model(source, pretrained=False)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .pt/.pth/.bin (weights_only) or .safetensors, unwrapping
     common containers (``state_dict``, ``model``, ``state_dict_ema``) and ``module.`` prefixes.
     """
     path = Path(path)
-    if path.is_dir():
+    if file_problem(path) == "is a directory":
         raise ModelLoadError(f"weights file {path} is a directory; give a state-dict file")
-    if not path.is_file():
-        raise ModelLoadError(f"weights file {path} does not exist")
+    check_file(path, ModelLoadError, "weights file ")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -167,7 +183,26 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str = "model") 
             f"weights file {path} does not fit {model_name}: {'; '.join(parts)}; "
             "check the model name, --num-classes and --in-chans"
         )
+    for key in own:
+        _check_values(path, key, state[key])
     model.load_state_dict(state)
+
+
+def _check_values(path: str | Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse a complex tensor, or a floating one holding NaN or infinite values: loaded,
+    it would give a model whose every output is NaN (or silently drop the imaginary part)."""
+    if tensor.is_complex():
+        raise ModelLoadError(
+            f"weights file {path}: tensor {key} is complex ({str(tensor.dtype)[6:]}); "
+            "the model takes real weights"
+        )
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ModelLoadError(
+                f"weights file {path}: tensor {key} holds {bad:,} NaN or infinite value"
+                f"{'s' if bad > 1 else ''} (of {tensor.numel():,}); the weights are broken"
+            )
 
 
 def load_float_model(

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from mcn_compress.errors import MCNError
+from mcn_compress.errors import MCNError, first_line
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -27,6 +27,17 @@ def error_line(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True, emoji=False)
 
 
+def _message(exc: BaseException) -> str:
+    """The message of ``exc`` on one line. An error raised in a DataLoader worker comes back
+    as "Caught DataError in DataLoader worker process 0. Original Traceback ...": its last
+    line holds the original message."""
+    text = str(exc).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.partition(": ")[2] or last
+    return " ".join(line.strip() for line in text.splitlines()) or type(exc).__name__
+
+
 @contextlib.contextmanager
 def cli_errors() -> Iterator[None]:
     """Map library errors to one red line and exit 1 (``MCN_DEBUG=1`` shows the traceback)."""
@@ -35,7 +46,13 @@ def cli_errors() -> Iterator[None]:
     except MCNError as exc:
         if os.environ.get(DEBUG_ENV):
             raise
-        error_line(str(exc).replace("[", "\\["))
+        error_line(_message(exc).replace("[", "\\["))
+        raise typer.Exit(1) from None
+    except OSError as exc:  # a file the library did not name itself: still one line
+        if os.environ.get(DEBUG_ENV):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        error_line(f"{where}{exc.strerror or first_line(exc)}".replace("[", "\\["))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         error_line("interrupted")
@@ -52,6 +69,12 @@ def setup_logging(quiet: bool) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+def errors_only(quiet: bool) -> None:
+    """With ``--quiet``, library logs below ERROR are dropped too: -q prints errors only."""
+    if quiet:
+        logging.getLogger("mcn_compress").setLevel(logging.ERROR)
 
 
 def print_json(data: Any) -> None:

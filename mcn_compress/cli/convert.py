@@ -10,9 +10,18 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, err, out, print_json
+from mcn_compress.cli._common import (
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    cli_errors,
+    err,
+    errors_only,
+    out,
+    print_json,
+)
 from mcn_compress.cli.render import layer_table, summary_table
-from mcn_compress.errors import ConfigError, OutputError
+from mcn_compress.errors import ConfigError
 from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.info import info_of
 from mcn_compress.module_utils import resolve_input_shape
@@ -27,14 +36,11 @@ from mcn_compress.passes.distill import (
 
 
 def _check_writable(path: Path, weights: Path | None = None) -> None:
-    """Refuse an --out that cannot be written, or that is the --weights input, before any work."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"--out {path} is a directory; give a file name such as model.pt")
-    if not parent.is_dir():
-        raise OutputError(f"--out {path}: directory {parent} does not exist")
-    check_not_input(path, {"--weights": weights})
+    """Refuse an --out that cannot be written (`formats.atomic.check_writable`: a directory, a
+    device or FIFO, a missing folder, a name too long), or that is the --weights input, before
+    any work."""
     check_writable(path)
+    check_not_input(path, {"--weights": weights})
 
 
 def _progress(quiet: bool) -> Progress:
@@ -46,7 +52,7 @@ def _progress(quiet: bool) -> Progress:
         TimeElapsedColumn(),
         console=err,
         transient=True,
-        disable=quiet,
+        disable=quiet or not err.is_terminal,  # off a terminal it only leaves a blank line
     )
 
 
@@ -139,12 +145,14 @@ def convert_command(
 
       mcn-compress convert resnet18 --weights r18.pth --calibrate-data imgs/ -o m.pt
     """
+    from mcn_compress.calibration_data import check_image_count
     from mcn_compress.config import MCNConfig
     from mcn_compress.formats.checkpoint import save
     from mcn_compress.models import load_float_model
     from mcn_compress.passes.calibration import calibrate
     from mcn_compress.passes.convert import convert
 
+    errors_only(quiet)
     show = not (quiet or json_output)
     with cli_errors():
         config = MCNConfig(
@@ -156,6 +164,8 @@ def convert_command(
             grouped=grouped,
         )
         _check_writable(out_path, weights)
+        if calibrate_data is not None:
+            check_image_count(calibrate_images)
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
         with err.status(f"Loading {model}", spinner="dots") if show else contextlib.nullcontext():

@@ -9,8 +9,16 @@ from typing import Annotated
 
 import typer
 
-from mcn_compress.cli._common import JsonOpt, OutOpt, QuietOpt, cli_errors, out, print_json
-from mcn_compress.errors import ConfigError, OutputError
+from mcn_compress.cli._common import (
+    JsonOpt,
+    OutOpt,
+    QuietOpt,
+    cli_errors,
+    errors_only,
+    out,
+    print_json,
+)
+from mcn_compress.errors import ConfigError
 from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.formats.onnx import COMPUTE_MODES, WEIGHT_LAYOUTS
 from mcn_compress.formats.quantize import FLOAT_LAYER_MODES
@@ -40,14 +48,10 @@ FloatLayers = Enum(  # type: ignore[misc]
 
 
 def _check_output(path: Path, model_path: Path) -> None:
-    """Refuse an --out that cannot be written, or that is the model being exported."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"--out {path} is a directory; give a file name such as model.mcn")
-    if not parent.is_dir():
-        raise OutputError(f"--out {path}: directory {parent} does not exist")
-    check_not_input(path, {"MODEL": model_path})
+    """Refuse an --out that cannot be written (`formats.atomic.check_writable`: a directory, a
+    device or FIFO, a missing folder, a name too long), or that is the model being exported."""
     check_writable(path)
+    check_not_input(path, {"MODEL": model_path})
 
 
 def _parse_input_size(text: str | None) -> tuple[int, ...] | None:
@@ -161,6 +165,7 @@ def export_command(
     from mcn_compress.formats.packed import export_packed
     from mcn_compress.profile import size_bound, storage_counts
 
+    errors_only(quiet)
     with cli_errors():
         _check_output(out_path, model_path)
         if fmt is ExportFormat.onnx:

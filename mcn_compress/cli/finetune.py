@@ -19,16 +19,25 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, err, out, print_json
+from mcn_compress.cli._common import (
+    JsonOpt,
+    QuietOpt,
+    cli_errors,
+    err,
+    errors_only,
+    out,
+    print_json,
+)
 from mcn_compress.errors import ConfigError
 
 
 class RichCallbacks:
     """Progress bars for training and evaluation (throughput, loss parts, lr, ETA)."""
 
-    def __init__(self, progress: Progress, batch_size: int) -> None:
+    def __init__(self, progress: Progress, batch_size: int, show: bool = True) -> None:
         self.progress = progress
         self.batch_size = batch_size
+        self.show = show  # print a line per epoch (False with --quiet / --json)
         self.task: int | None = None
         self.eval_task: int | None = None
         self._start = 0.0
@@ -71,6 +80,8 @@ class RichCallbacks:
             self.progress.remove_task(self.task)
             self.task = None
         self._drop_eval_task()
+        if not self.show:  # --quiet / --json: nothing but errors on stderr
+            return
         m = metrics
         mark = " [green](best)[/]" if best else ""
         self.progress.console.print(
@@ -80,7 +91,8 @@ class RichCallbacks:
 
 
 def training_progress(show: bool) -> Progress:
-    """The progress display of training runs (stderr; disabled with --quiet/--json)."""
+    """The progress display of training runs (stderr; off with --quiet/--json, and when
+    stderr is not a terminal, where it would only leave blank lines)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -89,7 +101,7 @@ def training_progress(show: bool) -> Progress:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=err,
-        disable=not show,
+        disable=not show or not err.is_terminal,
     )
 
 
@@ -155,22 +167,25 @@ def finetune_command(
 
       mcn-compress finetune -r recipes/cifar10.yaml --set optim.epochs=2 --set data.root=/data
     """
+    from mcn_compress.limits import check_file
     from mcn_compress.training.recipe import load_recipe
     from mcn_compress.training.trainer import Trainer
 
+    errors_only(quiet)
     show = not (quiet or json_output)
     with cli_errors():
         overrides = list(overrides or [])
         if checkpoint is not None:
-            if not checkpoint.is_file():
-                raise ConfigError(f"checkpoint {checkpoint}: no such file")
+            check_file(
+                checkpoint, ConfigError, "checkpoint ", f"checkpoint {checkpoint}: no such file"
+            )
             overrides.append(f"model.checkpoint={checkpoint}")
         spec = load_recipe(recipe, overrides)
         progress = training_progress(show)
         with progress:
             trainer = Trainer(
                 spec,
-                callbacks=RichCallbacks(progress, spec.data.batch_size),
+                callbacks=RichCallbacks(progress, spec.data.batch_size, show),
                 resume=resume,
                 overwrite=overwrite,
             )

@@ -301,6 +301,7 @@ def data_recipe(dataset: DataChoice | None, **options: Any) -> DataRecipe | None
 
 def _check_plot(plot: Path | None, paths: Sequence[Path]) -> None:
     """Refuse --plot before any work: non-run paths, runs without metrics, missing matplotlib."""
+    from mcn_compress.formats.atomic import check_writable
     from mcn_compress.plot import plot_format
     from mcn_compress.training.run_dir import RUN_METRICS, read_run
 
@@ -313,6 +314,7 @@ def _check_plot(plot: Path | None, paths: Sequence[Path]) -> None:
             f"{'is not one' if len(not_runs) == 1 else 'are not'}"
         )
     plot_format(plot)
+    check_writable(plot)
     for path in paths:
         if not read_run(path).metrics:
             raise ConfigError(f"--plot: {path / RUN_METRICS} is missing or empty: nothing to plot")
@@ -424,6 +426,7 @@ def report_command(
 
       mcn-compress report runs/k4 runs/k2 --plot curves.png
     """
+    from mcn_compress.limits import file_problem, long_component, shorten
     from mcn_compress.plot import plot_training_curves
     from mcn_compress.profile import profile_paths
 
@@ -436,6 +439,9 @@ def report_command(
             workers=workers,
             val_samples=val_samples,
         )
+        for path in paths:  # before anything stats them: a name the OS refuses is one line
+            if long_component(path) is not None:
+                raise ConfigError(f"{shorten(path)} {file_problem(path)}")
         _check_plot(plot, paths)
         # machine formats stay quiet on stderr; a non-terminal gets no live display at all
         quiet = fmt in (ReportFormat.json, ReportFormat.csv) or not err.is_interactive

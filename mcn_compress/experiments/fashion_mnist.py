@@ -271,9 +271,13 @@ def _same_recipe(run_dir: Path, recipe: Recipe, weights_digest: str | None = Non
     comparison moved together with its float model still counts as the same recipe."""
     import yaml
 
+    from mcn_compress.training.safe_yaml import MAX_YAML_BYTES, load_yaml
+
+    path = run_dir / "recipe.yaml"
     try:
-        saved = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+        with path.open("rb") as handle:  # bounded: a larger file is refused by load_yaml
+            saved = load_yaml(handle.read(MAX_YAML_BYTES + 1).decode("utf-8"), str(path))
+    except (OSError, ValueError, yaml.YAMLError):  # ConfigError is a ValueError
         return False
     if not isinstance(saved, dict):
         return False

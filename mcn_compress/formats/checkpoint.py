@@ -20,12 +20,19 @@ import torch
 from torch import nn
 
 from mcn_compress.config import MCNConfig
-from mcn_compress.errors import CheckpointError, ConfigError, ConversionError, ModelLoadError
+from mcn_compress.errors import (
+    CheckpointError,
+    ConfigError,
+    ConversionError,
+    ModelLoadError,
+    first_line,
+)
 from mcn_compress.formats.atomic import atomic_write
 from mcn_compress.formats.digest import DIGEST_KEY, content_digest
 from mcn_compress.formats.state_dict import loadable_state_dict, plain_state_dict
 from mcn_compress.info import ModelSource, info_of, update_info
-from mcn_compress.models import build_model
+from mcn_compress.limits import check_file, nesting_problem
+from mcn_compress.models import rebuild_model
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.version import __version__
 
@@ -116,11 +123,7 @@ def load_plain(path: str | Path, map_location: str | torch.device = "cpu") -> An
     """``torch.load(path, weights_only=True)`` with every failure as one `CheckpointError`:
     missing, a directory, truncated or corrupt, or holding pickled objects other than tensors
     and plain containers (refused; their code never runs)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    path = check_file(path, CheckpointError, missing=f"{path}: no such file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -148,22 +151,34 @@ def validate_checkpoint(data: Any, path: str | Path) -> dict[str, Any]:
             f"{path} is not an mcn-compress checkpoint (for float weights use --weights)"
         )
     version = data.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointError(
-            f"{path} has checkpoint format version {version!r}; this mcn-compress reads up to "
+            f"{path} is corrupt: {repr(version)[:40]} is not a valid checkpoint format version "
+            "(a positive integer)"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}; this mcn-compress reads up to "
             f"{FORMAT_VERSION}: upgrade mcn-compress"
         )
     for key, kind in (("model", dict), ("mcn", dict), ("layers", list), ("state_dict", dict)):
         if not isinstance(data.get(key), kind):
             raise CheckpointError(f"{path} is corrupt: field {key!r} is missing or malformed")
     check_digest(data, path)
+    if not all(isinstance(name, str) for name in data["layers"]):
+        raise CheckpointError(f"{path} is corrupt: field 'layers' holds a name that is not text")
     return data
 
 
 def check_digest(data: dict[str, Any], path: str | Path) -> None:
     """Refuse ``data`` read from ``path`` when its stored SHA-256 does not match its content
-    (format version 2 and later; version 1 files carry none)."""
-    if data.get("version", 1) < 2:
+    (format version 2 and later; version 1 files carry none). A structure too deep or too
+    large to walk (`limits.nesting_problem`) is refused before the digest walks it."""
+    problem = nesting_problem(data)
+    if problem is not None:
+        raise CheckpointError(f"{path} is corrupt: {problem}")
+    version = data.get("version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version < 2:
         return
     if data.get(DIGEST_KEY) != content_digest(data):
         raise CheckpointError(
@@ -179,8 +194,11 @@ def model_from_checkpoint(data: dict[str, Any], origin: str = "checkpoint") -> n
     try:
         source = ModelSource.from_dict(data["model"])
         config = MCNConfig.from_dict(data["mcn"])
-        float_model = build_model(source, pretrained=False)
-        model = rebuild(float_model, config, list(data["layers"]))
+        layers = list(data["layers"])
+        if not all(isinstance(name, str) for name in layers):
+            raise ConfigError("the converted layer names are not all text")
+        float_model = rebuild_model(source)
+        model = rebuild(float_model, config, layers)
     except (ModelLoadError, ConfigError, ConversionError) as exc:
         raise CheckpointError(f"{origin}: cannot rebuild the model: {exc}") from exc
     load_model_state(model, data, origin)
@@ -198,3 +216,5 @@ def load_model_state(model: nn.Module, data: dict[str, Any], origin: str | Path)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
         raise CheckpointError(f"{origin}: state dict does not fit the model: {first}") from exc
+    except (TypeError, ValueError) as exc:  # a malformed record of module versions
+        raise CheckpointError(f"{origin} is corrupt: {first_line(exc)}") from exc

@@ -14,6 +14,7 @@ from torch import nn
 from mcn_compress.errors import CheckpointError, MCNError
 from mcn_compress.formats.checkpoint import model_from_checkpoint, read_checkpoint
 from mcn_compress.formats.packed import load_packed
+from mcn_compress.limits import check_file, file_problem
 
 SAFETENSORS = "packed"
 TORCH_ZIP = "checkpoint"
@@ -45,10 +46,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Modul
         >>> model = load("model.pt")
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
+    if file_problem(path) == "is a directory":
         raise CheckpointError(f"{path} is a directory, not a model file")
+    check_file(path, CheckpointError, missing=f"{path}: no such file")
     kind = sniff_format(path)
     if kind is None:
         if path.stat().st_size == 0:

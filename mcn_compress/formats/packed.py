@@ -68,6 +68,7 @@ from mcn_compress.formats.quantize import (
     quantize_int8,
 )
 from mcn_compress.info import info_of, update_info
+from mcn_compress.limits import MAX_JSON_DEPTH, check_file, inflate, json_depth_exceeds
 
 _logger = logging.getLogger(__name__)
 
@@ -79,8 +80,12 @@ PACKED_SUFFIX = ".mcn"
 SIGNS = "signs"
 QINT8 = "qint8"  # int8 float layer weights (docs/design.md section 4.9)
 QSCALE = "qscale"  # their float32 per-output-channel scales
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_HEADER = 16 * 1024 * 1024  # JSON header (ours: a few KiB; safetensors allows 100 MiB)
+MAX_INDEX = 16 * 1024 * 1024  # decompressed index JSON (ours: ~60 bytes per state-dict entry)
+INDEX_BYTES_PER_BYTE = 64  # an entry (>= 1 byte of blobs) never needs more JSON than this
+MAX_DIMS = 8  # dimensions of one index entry's shape
 
+_BLOB_DTYPES = {SIGNS: torch.uint8, QINT8: torch.int8, QSCALE: torch.float32}
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 
 
@@ -135,8 +140,24 @@ def _encode_index(index: list[list[Any]]) -> str:
     return base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
 
 
-def _decode_index(text: str) -> list[list[Any]]:
-    return json.loads(zlib.decompress(base64.b64decode(text, validate=True)))
+def index_limit(data_bytes: int) -> int:
+    """The most bytes the decompressed index of a file with ``data_bytes`` bytes of blobs may
+    take: every entry takes at least one blob byte, and its JSON never needs more than
+    `INDEX_BYTES_PER_BYTE` per byte taken, plus 64 KiB for empty tensors; at most `MAX_INDEX`."""
+    return min(MAX_INDEX, 64 * 1024 + INDEX_BYTES_PER_BYTE * data_bytes)
+
+
+def _decode_index(text: str, limit: int) -> list[list[Any]]:
+    """The index entries, decompressed to at most ``limit`` bytes (`index_limit`)."""
+    raw = inflate(base64.b64decode(text, validate=True), limit)
+    if raw is None:
+        raise ValueError(f"its index expands to more than {limit:,} bytes")
+    if json_depth_exceeds(raw):
+        raise ValueError(f"its index nests deeper than {MAX_JSON_DEPTH} levels")
+    index = json.loads(raw)
+    if not isinstance(index, list):
+        raise ValueError("its index is not a list")
+    return index
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -243,13 +264,20 @@ def _read_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]
     if len(raw) < 8:
         raise CheckpointError(f"{path} is truncated ({len(raw)} bytes)")
     size = int.from_bytes(raw[:8], "little")
-    if size > _MAX_HEADER:
-        raise CheckpointError(f"{path} is not an mcn-compress packed file or checkpoint")
+    if size > MAX_HEADER:
+        raise CheckpointError(
+            f"{path} is not an mcn-compress packed file or checkpoint (its header would be "
+            f"{size:,} bytes; packed files keep it under {MAX_HEADER:,})"
+        )
     if 8 + size > len(raw):
         raise CheckpointError(f"{path} is truncated (header incomplete)")
+    if json_depth_exceeds(raw[8 : 8 + size]):
+        raise CheckpointError(
+            f"{path} is corrupt (its header nests deeper than {MAX_JSON_DEPTH} levels)"
+        )
     try:
         header = json.loads(raw[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path} is corrupt (unreadable header)") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is corrupt (unreadable header)")
@@ -259,15 +287,7 @@ def _read_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]
             f"{path} is a safetensors file but not an mcn-compress packed model "
             "(for float weights use --weights)"
         )
-    try:
-        version = int(meta.get("version", ""))
-    except ValueError:
-        version = -1
-    if version < 1 or version > PACKED_VERSION:
-        raise CheckpointError(
-            f"{path} has packed format version {meta.get('version')!r}; this mcn-compress "
-            f"reads up to {PACKED_VERSION}: upgrade mcn-compress"
-        )
+    _check_version(path, meta.get("version"))
     try:
         end = max(
             (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
@@ -283,21 +303,38 @@ def _read_header(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str, str]
     return header, meta
 
 
+def _check_version(path: Path, version: Any) -> int:
+    """The packed format version ``version`` (a decimal string) as an int: anything but a
+    positive integer is "not a valid version"; a newer one asks for an upgrade."""
+    valid = isinstance(version, str) and version.isascii() and version.isdigit()
+    if not valid or len(version) > 6 or int(version) < 1:
+        raise CheckpointError(
+            f"{path} is corrupt: {repr(version)[:40]} is not a valid packed format version "
+            "(a positive integer written as a string)"
+        )
+    number = int(version)
+    if number > PACKED_VERSION:
+        raise CheckpointError(
+            f"{path} has packed format version {number}; this mcn-compress reads up to "
+            f"{PACKED_VERSION}: upgrade mcn-compress"
+        )
+    return number
+
+
 def read_packed(path: str | Path) -> dict[str, Any]:
     """Read and validate a packed file into checkpoint-dict form (signs as ±1 latent weights).
 
     The result has the fields `formats.checkpoint.model_from_checkpoint` rebuilds from, plus
     ``float16`` and ``float_layers`` (int8 weights already dequantized to float32). Foreign,
-    truncated or corrupt files raise `CheckpointError`.
+    truncated, corrupt or oversized files raise `CheckpointError` (docs/design.md 4.5): the
+    header, the index and every entry's shape are checked against the file's real size
+    before anything is decompressed or allocated.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a packed model file")
+    check_file(path, CheckpointError, missing=f"{path}: no such file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -313,8 +350,11 @@ def read_packed(path: str | Path) -> dict[str, Any]:
             "(checksum mismatch)"
         )
     try:
+        if json_depth_exceeds(str(meta["description"])):
+            raise ValueError(f"its description nests deeper than {MAX_JSON_DEPTH} levels")
         description = json.loads(meta["description"])
-        index = _decode_index(meta["index"])
+        data_bytes = len(raw) - 8 - int.from_bytes(raw[:8], "little")
+        index = _decode_index(meta["index"], index_limit(data_bytes))
         state_dict, layers = _unpack_index(index, blobs)
         data = {
             "model": dict(description["model"]),
@@ -336,49 +376,91 @@ def read_packed(path: str | Path) -> dict[str, Any]:
         ConfigError,
         zlib.error,
         binascii.Error,
+        EOFError,
+        RecursionError,
     ) as exc:
         raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from exc
     return data
 
 
+def _entry(item: Any) -> tuple[str, str, tuple[int, ...]]:
+    """One index entry ``[key, blob, shape]`` checked: strings, and a shape of at most
+    `MAX_DIMS` non-negative integers."""
+    if not isinstance(item, list) or len(item) != 3:
+        raise ValueError(f"index entry {str(item)[:60]} is not [key, blob, shape]")
+    key, blob, shape = item
+    if not isinstance(key, str) or not isinstance(blob, str) or not isinstance(shape, list):
+        raise ValueError(f"index entry {str(item)[:60]} is not [key, blob, shape]")
+    if len(shape) > MAX_DIMS or not all(
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 62 for s in shape
+    ):
+        raise ValueError(
+            f"entry {key[:100]} has the shape {str(shape)[:60]}; expected at most {MAX_DIMS} "
+            "non-negative integers"
+        )
+    return key, blob, tuple(shape)
+
+
+def _plan_index(
+    index: list[Any], blobs: dict[str, torch.Tensor]
+) -> list[tuple[str, str, tuple[int, ...], int, int, int]]:
+    """Every entry as ``(key, blob, shape, start, count, scale_start)``, checked before any
+    tensor is made: known blobs, each entry within its blob, every blob used exactly."""
+    for name, blob in blobs.items():
+        wanted = _BLOB_DTYPES.get(name, getattr(torch, name, None))
+        if not isinstance(wanted, torch.dtype) or blob.dim() != 1 or blob.dtype != wanted:
+            raise ValueError(f"blob {name[:40]!r} is not a flat tensor of the dtype it names")
+    sizes = {name: blob.numel() for name, blob in blobs.items()}
+    offsets = dict.fromkeys(blobs, 0)
+    plan = []
+    seen: set[str] = set()
+    for item in index:
+        key, blob, shape = _entry(item)
+        if key in seen:
+            raise ValueError(f"entry {key[:100]} appears twice")
+        seen.add(key)
+        if blob not in blobs:
+            raise ValueError(f"entry {key[:100]} refers to a missing blob {blob[:40]!r}")
+        if blob == QSCALE:
+            raise ValueError(f"entry {key[:100]} refers to blob {blob!r}, which holds only scales")
+        if blob == SIGNS and not key.endswith(".weight"):
+            raise ValueError(f"sign entry {key[:100]} is not a conv weight")
+        numel = math.prod(shape)
+        count = -(-numel // 8) if blob == SIGNS else numel
+        start = offsets[blob]
+        if count > sizes[blob] - start:
+            raise ValueError(f"blob {blob!r} is too short for entry {key[:100]}")
+        offsets[blob] = start + count
+        scale_start = offsets.get(QSCALE, 0)
+        if blob == QINT8:
+            rows = shape[0] if shape else 0
+            if QSCALE not in blobs or not rows or rows > sizes[QSCALE] - scale_start:
+                raise ValueError(f"blob {QSCALE!r} is missing or too short for entry {key[:100]}")
+            offsets[QSCALE] = scale_start + rows
+        plan.append((key, blob, shape, start, count, scale_start))
+    unused = [name for name, used in offsets.items() if used != sizes[name]]
+    if unused:
+        raise ValueError(f"blob {unused[0]!r} holds more values than its entries")
+    return plan
+
+
 def _unpack_index(
-    index: list[list[Any]], blobs: dict[str, torch.Tensor]
+    index: list[Any], blobs: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Slice the blobs back into state-dict entries; sign entries become ±1 float32 tensors,
     ``qint8`` entries ``q * scale`` in float32 (docs/design.md section 4.9)."""
-    offsets = dict.fromkeys(blobs, 0)
     state_dict: dict[str, torch.Tensor] = {}
     layers: list[str] = []
-    for key, blob, shape in index:
-        shape = tuple(int(s) for s in shape)
-        if blob not in blobs:
-            raise ValueError(f"entry {key} refers to a missing blob {blob!r}")
-        if blob == QSCALE:
-            raise ValueError(f"entry {key} refers to blob {blob!r}, which holds only scales")
-        start = offsets[blob]
-        count = math.ceil(math.prod(shape) / 8) if blob == SIGNS else math.prod(shape)
-        if start + count > blobs[blob].numel():
-            raise ValueError(f"blob {blob!r} is too short for entry {key}")
+    for key, blob, shape, start, count, scale_start in _plan_index(index, blobs):
         chunk = blobs[blob][start : start + count]
-        offsets[blob] = start + count
         if blob == SIGNS:
-            if not key.endswith(".weight"):
-                raise ValueError(f"sign entry {key} is not a conv weight")
             state_dict[key] = unpack_signs(chunk, shape)
             layers.append(key.removesuffix(".weight"))
         elif blob == QINT8:
-            rows = shape[0] if shape else 0
-            first = offsets.get(QSCALE, 0)
-            if QSCALE not in blobs or not rows or first + rows > blobs[QSCALE].numel():
-                raise ValueError(f"blob {QSCALE!r} is missing or too short for entry {key}")
-            scale = blobs[QSCALE][first : first + rows]
-            offsets[QSCALE] = first + rows
+            scale = blobs[QSCALE][scale_start : scale_start + shape[0]]
             state_dict[key] = dequantize_int8(chunk.reshape(shape), scale)
         else:
             state_dict[key] = chunk.reshape(shape).clone()
-    unused = [name for name, used in offsets.items() if used != blobs[name].numel()]
-    if unused:
-        raise ValueError(f"blob {unused[0]!r} holds more values than its entries")
     return state_dict, layers
 
 

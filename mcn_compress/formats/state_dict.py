@@ -28,8 +28,20 @@ def plain_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 def loadable_state_dict(
     tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None
 ) -> OrderedDict[str, torch.Tensor]:
-    """The state dict `nn.Module.load_state_dict` expects, module versions included."""
+    """The state dict `nn.Module.load_state_dict` expects, module versions included; module
+    versions that are not ``{prefix: {name: int | float | str}}`` raise `ValueError`."""
     state: OrderedDict[str, torch.Tensor] = OrderedDict(tensors)
     if metadata:
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str)
+            and isinstance(v, dict)
+            and all(isinstance(n, str) and _plain_number_or_text(x) for n, x in v.items())
+            for k, v in metadata.items()
+        ):
+            raise ValueError("its record of module versions is malformed")
         state._metadata = {k: dict(v) for k, v in metadata.items()}  # type: ignore[attr-defined]
     return state
+
+
+def _plain_number_or_text(value: Any) -> bool:
+    return isinstance(value, int | float | str) and not isinstance(value, bool)

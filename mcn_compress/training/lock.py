@@ -31,6 +31,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path) -> None:
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
+        self.remove_empty_dir = False  # `release` then removes the folder if nothing is left
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise `RunFolderError` naming the live holder."""
@@ -70,6 +71,9 @@ class RunLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+        if self.remove_empty_dir:  # a run that wrote nothing leaves no folder
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()
 
     @property
     def held(self) -> bool:

@@ -30,6 +30,8 @@ import yaml
 
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import ConfigError
+from mcn_compress.limits import check_file, file_problem
+from mcn_compress.training.safe_yaml import MAX_YAML_BYTES, load_yaml
 from mcn_compress.training.schema import (
     INVALID,
     Mismatch,
@@ -66,6 +68,20 @@ INPUT_PATHS: tuple[tuple[str, str], ...] = (
     ("data", "root"),
 )
 QUICKSTART_HINT = "quickstart/float/"  # the float model `mcn-compress quickstart` trains
+
+MAX_SEED = 2**32 - 1  # numpy's and the data loader workers' seeds are 32-bit
+MAX_IMAGE_SIZE = 4096  # data.image_size: a 4096 x 4096 RGB batch of 128 is already 25 GB
+MAX_BATCH = 65_536
+MAX_WORKERS = 256
+MAX_EPOCHS = 100_000
+MAX_SYNTHETIC = 1_000_000  # synthetic samples: every epoch draws a permutation of them
+
+
+def at_most(problems: list[tuple[str, str]], key: str, value: int | None, most: int | None) -> None:
+    """Add a problem when ``value`` is above ``most`` (None: no bound, or no value)."""
+    if value is not None and most is not None and value > most:
+        problems.append((key, f"expected at most {most:,}, got {value:,}"))
+
 
 #: datasets whose ``data.root`` has no default location
 ROOT_REQUIRED: tuple[str, ...] = ("imagefolder", "cifar10", "cifar100")
@@ -157,6 +173,15 @@ class DataRecipe:
             value = getattr(self, key)
             if value is not None and value < 1:
                 problems.append((key, f"expected a positive integer or null, got {value}"))
+        synthetic = MAX_SYNTHETIC if self.dataset == "synthetic" else None
+        for key, most in (
+            ("image_size", MAX_IMAGE_SIZE),
+            ("batch_size", MAX_BATCH),
+            ("workers", MAX_WORKERS),
+            ("train_samples", synthetic),
+            ("val_samples", synthetic),
+        ):
+            at_most(problems, key, getattr(self, key), most)
         raise_if(problems)
 
 
@@ -183,6 +208,7 @@ class OptimRecipe:
         problems: list[tuple[str, str]] = []
         if self.epochs < 1:
             problems.append(("epochs", f"expected a positive integer, got {self.epochs}"))
+        at_most(problems, "epochs", self.epochs, MAX_EPOCHS)
         if not self.lr > 0:
             problems.append(("lr", f"expected a number > 0, got {self.lr}"))
         if self.lr_mfilter is None:
@@ -265,6 +291,7 @@ class RuntimeRecipe:
             problems.append(("amp", "fp16 autocast needs a CUDA device; use bf16 on cpu"))
         if self.seed < 0:
             problems.append(("seed", f"expected an integer >= 0, got {self.seed}"))
+        at_most(problems, "seed", self.seed, MAX_SEED)
         raise_if(problems)
 
 
@@ -318,12 +345,17 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, override (``key.path=value`` strings) and validate the recipe file ``path``."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"recipe {path} does not exist" + (" (a directory)" if path.is_dir() else "")
-        )
+    problem = file_problem(path)
+    if problem == "is a directory":
+        raise ConfigError(f"recipe {path} does not exist (a directory)")
+    check_file(path, ConfigError, "recipe ")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(
+                f"recipe {path} is {path.stat().st_size:,} bytes; mcn-compress reads recipes up "
+                f"to {MAX_YAML_BYTES:,}"
+            )
+        data = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -375,7 +407,8 @@ def resolve_recipe_paths(
 ) -> dict[str, Any]:
     """Resolve the relative input paths of a recipe file (`INPUT_PATHS`, not those given by
     ``overrides``): a path that exists from the current folder is kept, else one that exists
-    from ``recipe_dir`` (the recipe's folder) is rewritten to it; one log line says which.
+    from ``recipe_dir`` (the recipe's folder) is rewritten to it; one log line says which (a
+    warning when the path is rewritten or exists in both places).
     Paths found in neither place are left as they are (the step that needs them says so)."""
     result = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
     given = _set_keys(overrides)
@@ -389,9 +422,11 @@ def resolve_recipe_paths(
         beside = recipe_dir / value
         if Path(value).exists():
             where = "the current folder"
-            if beside.exists() and beside.resolve() != Path(value).resolve():
+            both = beside.exists() and beside.resolve() != Path(value).resolve()
+            if both:
                 where += f" (not the recipe's folder {recipe_dir})"
-            _logger.warning("%s.%s %s: relative to %s", section, key, value, where)
+            level = logging.WARNING if both else logging.INFO  # a warning only when it is unclear
+            _logger.log(level, "%s.%s %s: relative to %s", section, key, value, where)
         elif beside.exists():
             assert isinstance(block, dict)
             block[key] = str(beside)
@@ -437,7 +472,7 @@ def apply_overrides(recipe_dict: Mapping[str, Any], overrides: Sequence[str]) ->
             raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. optim.lr=0.01")
         tp = _override_type(keys, text)
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw, f"--set {key_text}")
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {text}: the value is not valid YAML") from exc
         leaf = strip_optional(tp)

@@ -33,7 +33,8 @@ from mcn_compress.formats.checkpoint import (
 from mcn_compress.formats.digest import DIGEST_KEY, content_digest
 from mcn_compress.formats.state_dict import loadable_state_dict, plain_state_dict
 from mcn_compress.info import ModelSource, info_of, update_info
-from mcn_compress.models import build_model
+from mcn_compress.limits import file_problem
+from mcn_compress.models import rebuild_model
 from mcn_compress.training.lock import RunLock, lock_holder
 
 _logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{path}:{number} is not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise CheckpointError(f"{path}:{number} nests too deep") from exc
         if not isinstance(row, dict):
             raise CheckpointError(f"{path}:{number} is not a JSON object")
         rows.append(row)
@@ -133,16 +136,24 @@ def _recipe_seed(path: Path) -> int | None:
     """``runtime.seed`` of a resolved recipe file; None when absent or unreadable."""
     import yaml
 
-    if not path.is_file():
+    from mcn_compress.training.recipe import MAX_SEED
+    from mcn_compress.training.safe_yaml import MAX_YAML_BYTES, load_yaml
+
+    if file_problem(path) is not None:
         return None
     try:
-        recipe = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise OSError(f"larger than {MAX_YAML_BYTES:,} bytes")
+        recipe = load_yaml(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, MCNError) as exc:
         _logger.warning("%s not readable (%s): using the default seed", path, exc)
         return None
     runtime = recipe.get("runtime") if isinstance(recipe, dict) else None
     seed = runtime.get("seed") if isinstance(runtime, dict) else None
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    valid = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED
+    if seed is not None and not valid:
+        _logger.warning("%s: runtime.seed %.40r is not valid: using the default", path, seed)
+    return seed if valid else None
 
 
 def read_float_run(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
@@ -169,11 +180,11 @@ def _load_float_run(path: Path) -> nn.Module | None:
         return None
     try:
         source = ModelSource.from_dict(data["model"])
-        model = build_model(source, pretrained=False)
+        model = rebuild_model(source)
         model.load_state_dict(
             loadable_state_dict(data["state_dict"], data.get("state_dict_metadata"))
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupt: bad model description ({exc})") from exc
     except MCNError as exc:
         raise CheckpointError(f"{path}: cannot rebuild the model: {exc}") from exc
@@ -281,6 +292,11 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint a run resumes from (MCN or float run); it must hold a ``train_state``.
     Every problem (missing, truncated, unsafe, damaged, no state) is one `CheckpointError`."""
     if not path.is_file():
+        if path.name == LAST and any((path.parent / n).exists() for n in RUN_FILES):
+            raise CheckpointError(
+                f"cannot resume: the run in {path.parent} stopped before its first checkpoint "
+                f"(no {LAST}); start it again with --overwrite instead of --resume"
+            )
         raise CheckpointError(f"cannot resume: {path} does not exist")
     try:
         data = load_plain(path)  # read once: a float run's dict, or an MCN checkpoint
@@ -319,6 +335,7 @@ def claim_run_dir(
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"output.dir {run_dir} is a file; choose a folder")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -329,9 +346,16 @@ def claim_run_dir(
             "would write over it; choose another output.dir"
         )
     lock = RunLock(run_dir).acquire()
+    lock.remove_empty_dir = created  # a run that fails before it writes leaves no folder
     try:
         existing = [name for name in RUN_FILES if (run_dir / name).exists()]
         if existing and not resume:
+            if not overwrite and not (run_dir / LAST).exists():
+                raise RunFolderError(
+                    f"{run_dir} holds a run that stopped before its first checkpoint "
+                    f"({', '.join(existing)}, no {LAST}): there is nothing to resume; start it "
+                    "again with --overwrite, or choose another output.dir"
+                )
             if not overwrite:
                 raise RunFolderError(
                     f"{run_dir} already holds a run ({', '.join(existing)}): resume it with "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping
@@ -79,8 +80,15 @@ def describe_type(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
 def show_value(value: Any) -> str:
-    text = repr(value)
+    """A short repr of ``value`` and its type, for messages: `reprlib` looks at a few items
+    of each container only, so a huge value is never turned into text whole."""
+    text = _REPR.repr(value)
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} ({type(value).__name__})"
