@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from mcn_compress.cli._common import setup_logging
+from mcn_compress.cli._common import Command, setup_logging
 from mcn_compress.cli.convert import convert_command
 from mcn_compress.cli.export import export_command
 from mcn_compress.cli.finetune import finetune_command
@@ -20,6 +20,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rewrapped to the terminal, no boxes
 )
 
 
@@ -40,11 +41,15 @@ def _root(
     setup_logging(quiet=not verbose)
 
 
-app.command("convert")(convert_command)
-app.command("finetune")(finetune_command)
-app.command("quickstart")(quickstart_command)
-app.command("export")(export_command)
-app.command("report")(report_command)
+COMMANDS = {
+    "convert": (convert_command, "Convert a float classifier into an MCN checkpoint."),
+    "finetune": (finetune_command, "Fine-tune an MCN with the MCN loss (a YAML recipe)."),
+    "quickstart": (quickstart_command, "The whole job on Fashion-MNIST, offline, on a CPU."),
+    "export": (export_command, "Export a packed 1-bit file or ONNX."),
+    "report": (report_command, "Sizes, accuracy and latency of models and runs."),
+}
+for _name, (_function, _short) in COMMANDS.items():
+    app.command(_name, cls=Command, short_help=_short)(_function)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from typer.core import TyperCommand
 
 from mcn_compress.errors import MCNError, first_line
 
@@ -83,7 +84,73 @@ def print_json(data: Any) -> None:
 
 
 JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print a JSON result on stdout instead of tables.")
+    bool,
+    typer.Option("--json", help="Print one JSON document on stdout (nothing else there)."),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output file (written atomically).")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print nothing but errors (one line on stderr).")
+]
+OutOpt = Annotated[
+    Path, typer.Option("--out", "-o", metavar="FILE", help="Output file (written atomically).")
+]
+
+
+def _metavar(param: Any) -> str:
+    """A plain value name for an option that names none: its choices, N for integers, X for
+    numbers, PATH for paths, TEXT otherwise (never Typer's ``<int>`` hints). Reads Typer's type
+    descriptor (Typer >= 0.25) or click's parameter type (older Typer)."""
+    desc = getattr(param, "type_descriptor", None)
+    kind = getattr(param, "type", None)
+    choices = getattr(desc, "choices", None) or getattr(kind, "choices", None)
+    if choices:
+        return "|".join(str(getattr(c, "value", c)) for c in choices)
+    annotation = getattr(desc, "annotation", None)
+    name = str(getattr(kind, "name", ""))
+    if annotation is int or name.startswith("integer"):
+        return "N"
+    if annotation is float or name.startswith("float"):
+        return "X"
+    if getattr(desc, "is_path", False) or name == "path":
+        return "PATH"
+    return "TEXT"
+
+
+class Command(TyperCommand):
+    """A command whose ``--help`` is click's plain layout: paragraphs rewrapped to the terminal,
+    flags without a value hint, value options with a plain name (``--planes K``), arguments
+    by their upper-case name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            option = param.param_type_name == "option"
+            if option and getattr(param, "is_flag", False):
+                param.metavar = ""
+            elif param.metavar is None:
+                param.metavar = _metavar(param) if option else (param.name or "ARG").upper()
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """``[OPTIONS] MODEL`` (Typer writes a required argument as ``{MODEL}``)."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = str(param.metavar) if param.required else f"[{param.metavar}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        """The Arguments and Options sections; an argument is listed by its name alone."""
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                name = str(param.metavar) + ("..." if param.nargs != 1 else "")
+                args.append((name, record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)

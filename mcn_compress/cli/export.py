@@ -68,7 +68,8 @@ def _parse_input_size(text: str | None) -> tuple[int, ...] | None:
 
 def export_command(
     model_path: Annotated[
-        Path, typer.Argument(help="MCN checkpoint (.pt) or packed file to export.")
+        Path,
+        typer.Argument(metavar="MODEL", help="MCN checkpoint (.pt) or packed file to export."),
     ],
     out_path: OutOpt,
     fmt: Annotated[
@@ -96,12 +97,15 @@ def export_command(
         ),
     ] = None,
     opset: Annotated[
-        int | None, typer.Option("--opset", help="ONNX only: opset version (11..20, default 18).")
+        int | None,
+        typer.Option("--opset", metavar="N", help="ONNX only: opset version (11..20, default 18)."),
     ] = None,
     input_size: Annotated[
         str | None,
         typer.Option(
-            "--input-size", help="ONNX only: S, H,W or C,H,W of one input (default: the model's)."
+            "--input-size",
+            metavar="SIZE",
+            help="ONNX only: S, H,W or C,H,W of one input (default: the model's).",
         ),
     ] = None,
     dynamic_batch: Annotated[
@@ -123,7 +127,7 @@ def export_command(
             min=1,
             show_default=False,
             help="ONNX only: the onnxruntime intra-op threads the file will run with; --compute "
-            "auto picks each layer's form for that count [default: this machine's cores].",
+            "auto picks each layer's form for that count (default: this machine's cores).",
         ),
     ] = None,
     json_output: JsonOpt = False,
@@ -139,27 +143,22 @@ def export_command(
     Conv weights. BatchNorm after a conv is folded in both. --compute (packed only) runs the
     converted convs factored where faster (default), all factored, or dense.
 
-    Examples:
-
-      mcn-compress export model.pt --out model.mcn
-
-      mcn-compress export model.pt --float16 -o model-fp16.mcn
-
-      mcn-compress export model.pt --float-layers int8 -o model-int8.mcn
-
-      mcn-compress export model.pt --format onnx --dynamic-batch -o model.onnx
-
-      mcn-compress export model.pt -f onnx --weights folded --input-size 3,160,160 -o m.onnx
-
-      mcn-compress export model.pt -f onnx --compute dense -o model-dense.onnx
-
-      mcn-compress export model.pt -f onnx --threads 4 -o model-4threads.onnx
-
-      mcn-compress export model.pt -f onnx --float-layers int8 -o model-int8.onnx
-
     --float-layers int8 stores the weights of the layers that stay float as int8 with one scale
     per output channel (scale = max|W| / 127), about 4x fewer bytes for them; their outputs move
     by well under 1% (docs/design.md section 4.9). Activations stay float32.
+
+    Examples:
+
+    \b
+      mcn-compress export model.pt --out model.mcn
+      mcn-compress export model.pt --float16 -o model-fp16.mcn
+      mcn-compress export model.pt --float-layers int8 -o model-int8.mcn
+      mcn-compress export model.pt --format onnx --dynamic-batch -o model.onnx
+      mcn-compress export model.pt -f onnx --weights folded -o folded.onnx
+      mcn-compress export model.pt -f onnx --input-size 3,160,160 -o m160.onnx
+      mcn-compress export model.pt -f onnx --compute dense -o dense.onnx
+      mcn-compress export model.pt -f onnx --threads 4 -o model-4threads.onnx
+      mcn-compress export model.pt -f onnx --float-layers int8 -o model-int8.onnx
     """
     from mcn_compress.formats.load import load
     from mcn_compress.formats.packed import export_packed

@@ -126,22 +126,36 @@ def history_table(history: list[object]) -> Table:
 
 
 def finetune_command(
-    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="YAML recipe (see recipes/).")],
+    recipe: Annotated[
+        Path,
+        typer.Option("--recipe", "-r", metavar="FILE", help="YAML recipe (see recipes/)."),
+    ],
     checkpoint: Annotated[
         Path | None,
         typer.Argument(
+            metavar="CHECKPOINT",
             help="A checkpoint from `mcn-compress convert` to fine-tune instead of the recipe's "
             "model (same as --set model.checkpoint=PATH; the recipe's model.name, weights, "
-            "convert and pretrained are then ignored).",
+            "convert and pretrained are then ignored; model.num_classes, when it differs, "
+            "replaces the classifier by a new one).",
             show_default=False,
         ),
     ] = None,
     overrides: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a recipe key: --set optim.lr=0.01 (repeatable)."),
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override a recipe key, e.g. --set optim.lr=0.01 (repeatable).",
+        ),
     ] = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in output.dir from last.pt.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in output.dir from last.pt (a finished run too, with more "
+            "optim.epochs).",
+        ),
     ] = False,
     overwrite: Annotated[
         bool,
@@ -153,19 +167,45 @@ def finetune_command(
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune an MCN with softmax + filter loss + centre loss (Eq. 3.18).
+    """Fine-tune an MCN with the MCN loss: softmax + filter loss + centre loss.
 
-    Writes recipe.yaml, metrics.jsonl, metrics.csv, last.pt and best.pt to output.dir.
-    Ctrl-C saves a resumable checkpoint; --resume continues it. Several GPUs or machines:
-    torchrun --nproc_per_node 8 -m mcn_compress finetune --recipe recipes/imagenet.yaml
+    Trains a checkpoint from `mcn-compress convert` (CHECKPOINT) or the recipe's float model,
+    converted on the fly. Writes recipe.yaml, metrics.jsonl, metrics.csv, last.pt and best.pt
+    to output.dir. Ctrl-C saves a resumable checkpoint; --resume continues it, and extends a
+    finished run given more epochs (--resume --set optim.epochs=N).
+
+    A recipe is YAML with six sections (recipes/ holds commented examples; --set KEY=VALUE
+    overrides any key, docs/finetune.md lists them all):
+
+    \b
+      model    name (timm, tv:NAME) or checkpoint; pretrained, weights,
+               num_classes (default: the data's), in_chans, convert
+               (planes, width, mcn1), teacher
+      data     dataset (imagefolder, cifar10, cifar100, fashion_mnist,
+               synthetic), root, image_size, batch_size, workers, augment,
+               train_samples, val_samples
+      optim    optimizer, epochs, lr, lr_mfilter, weight_decay, schedule,
+               warmup_epochs, milestones
+      loss     theta, lambda_center, alpha, distill, temperature
+      runtime  device, amp, channels_last, compile, seed
+      output   dir
+
+    Several GPUs or machines: torchrun --nproc_per_node 8 -m mcn_compress finetune ...
 
     Examples:
 
+    \b
       mcn-compress finetune --recipe recipes/fashion-mnist.yaml
+      mcn-compress finetune model.pt --recipe recipes/fashion-mnist.yaml
+      mcn-compress finetune -r recipes/cifar10.yaml --set data.root=/data/cifar
+      mcn-compress finetune -r recipes/cifar10.yaml --resume --set optim.epochs=60
 
-      mcn-compress finetune model.pt --recipe recipes/fashion-mnist.yaml --set optim.epochs=1
+    Your own images on a CPU: the ImageNet recipe on a folder DIR holding
+    DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg (the recipe's device is cuda):
 
-      mcn-compress finetune -r recipes/cifar10.yaml --set optim.epochs=2 --set data.root=/data
+    \b
+      mcn-compress finetune --recipe recipes/imagenet.yaml --set data.root=DIR \\
+          --set runtime.device=cpu --set data.workers=2
     """
     from mcn_compress.limits import check_file
     from mcn_compress.training.recipe import load_recipe

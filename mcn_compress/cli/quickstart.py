@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, out, print_json
+from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, errors_only, out, print_json
 from mcn_compress.cli.finetune import RichCallbacks, training_progress
 from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
 
@@ -63,6 +63,7 @@ def quickstart_command(
     from mcn_compress.experiments.fashion_mnist import Budget
     from mcn_compress.experiments.quickstart import quickstart
 
+    errors_only(quiet)
     show = not (quiet or json_output)
     budget = Budget(
         arch=arch,

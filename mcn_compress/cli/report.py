@@ -28,7 +28,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mcn_compress.cli._common import cli_errors, err, out, print_json
+from mcn_compress.cli._common import (
+    JsonOpt,
+    QuietOpt,
+    cli_errors,
+    err,
+    errors_only,
+    out,
+    print_json,
+)
 from mcn_compress.errors import ConfigError
 from mcn_compress.profile import LayerProfile, ModelProfile
 from mcn_compress.training.recipe import DatasetName
@@ -299,6 +307,16 @@ def data_recipe(dataset: DataChoice | None, **options: Any) -> DataRecipe | None
         ) from exc
 
 
+def output_format(fmt: ReportFormat | None, json_output: bool) -> ReportFormat | None:
+    """The format to print: ``--json`` is ``--format json``; None is the default table (not
+    printed with ``--quiet``)."""
+    if json_output:
+        if fmt not in (None, ReportFormat.json):
+            raise ConfigError(f"--json prints JSON; drop --format {fmt.value} or --json")
+        return ReportFormat.json
+    return fmt
+
+
 def _check_plot(plot: Path | None, paths: Sequence[Path]) -> None:
     """Refuse --plot before any work: non-run paths, runs without metrics, missing matplotlib."""
     from mcn_compress.formats.atomic import check_writable
@@ -324,13 +342,20 @@ def report_command(
     paths: Annotated[
         list[Path],
         typer.Argument(
+            metavar="PATHS",
             help="MCN checkpoints (.pt), packed files (.mcn) and fine-tuning run directories.",
             show_default=False,
         ),
     ],
-    fmt: Annotated[ReportFormat, typer.Option("--format", "-f", help="Output format.")] = (
-        ReportFormat.table
-    ),
+    fmt: Annotated[
+        ReportFormat | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="Output format (default: table; --json is --format json).",
+            show_default=False,
+        ),
+    ] = None,
     per_layer: Annotated[
         bool, typer.Option("--per-layer", help="Add a table of layers per model.")
     ] = False,
@@ -343,7 +368,9 @@ def report_command(
     ] = False,
     input_size: Annotated[
         int | None,
-        typer.Option("--input-size", min=8, help="Image side for --latency (default: model's)."),
+        typer.Option(
+            "--input-size", min=8, metavar="N", help="Image side for --latency (default: model's)."
+        ),
     ] = None,
     float16: Annotated[
         bool, typer.Option("--float16", help="Measure packed files with float16 float parts.")
@@ -352,13 +379,21 @@ def report_command(
         DataChoice | None,
         typer.Option(
             "--data",
-            help="Also measure top-1/top-5 on this dataset's validation split.",
+            metavar="DATASET",
+            help="Also measure top-1/top-5 on the validation split of this dataset: "
+            + ", ".join(get_args(DatasetName))
+            + ".",
             show_default=False,
         ),
     ] = None,
     data_root: Annotated[
         str | None,
-        typer.Option("--data-root", help="Dataset folder (recipe data.root).", show_default=False),
+        typer.Option(
+            "--data-root",
+            metavar="DIR",
+            help="Dataset folder (recipe data.root).",
+            show_default=False,
+        ),
     ] = None,
     image_size: Annotated[
         int | None,
@@ -390,11 +425,14 @@ def report_command(
         Path | None,
         typer.Option(
             "--plot",
+            metavar="FILE",
             help="Draw loss and top-1 per epoch of the run directories into this image "
             "(needs the plot extra: matplotlib).",
             show_default=False,
         ),
     ] = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Report what each model costs, measured on real files written to a temp directory.
 
@@ -412,25 +450,26 @@ def report_command(
     the float32 and the int8 file side by side with --data shows what int8 float layers cost in
     bytes and in accuracy.
 
+    With -q nothing is printed but errors, unless a format is asked for (--format, --json):
+    scripts get the document alone.
+
     Examples:
 
+    \b
       mcn-compress report model.pt
-
       mcn-compress report model.pt model.mcn --per-layer --format markdown
-
-      mcn-compress report model.pt --latency --input-size 224 --format json
-
+      mcn-compress report model.pt --latency --input-size 224 --json
       mcn-compress report runs/fmnist --data fashion_mnist --val-samples 1000
-
       mcn-compress report model.mcn model-int8.mcn --data fashion_mnist
-
       mcn-compress report runs/k4 runs/k2 --plot curves.png
     """
     from mcn_compress.limits import file_problem, long_component, shorten
     from mcn_compress.plot import plot_training_curves
     from mcn_compress.profile import profile_paths
 
+    errors_only(quiet)
     with cli_errors():
+        fmt = output_format(fmt, json_output)
         data_cfg = data_recipe(
             data,
             root=data_root,
@@ -444,8 +483,8 @@ def report_command(
                 raise ConfigError(f"{shorten(path)} {file_problem(path)}")
         _check_plot(plot, paths)
         # machine formats stay quiet on stderr; a non-terminal gets no live display at all
-        quiet = fmt in (ReportFormat.json, ReportFormat.csv) or not err.is_interactive
-        with _progress(disable=quiet) as progress:
+        machine = fmt in (ReportFormat.json, ReportFormat.csv)
+        with _progress(disable=quiet or machine or not err.is_interactive) as progress:
             measuring = progress.add_task("measuring", total=None, unit="")
             profiles = profile_paths(
                 paths,
@@ -459,6 +498,8 @@ def report_command(
             progress.remove_task(measuring)
         if plot is not None:
             plot_training_curves(paths, plot)
+    if fmt is None and quiet:  # -q alone: errors only (a format asked for is still printed)
+        return
     if fmt is ReportFormat.json:
         print_json({"models": [p.to_dict() for p in profiles]})
     elif fmt is ReportFormat.csv:
