@@ -380,11 +380,8 @@ def imagefolder_transforms(
 # ------------------------------------------------------------------------------------------
 # build_datasets
 # ------------------------------------------------------------------------------------------
-def _imagefolder(
-    data_cfg: DataRecipe, model: nn.Module, in_chans: int
-) -> tuple[Dataset[Sample], Dataset[Sample]]:
-    from torchvision.datasets import ImageFolder
-
+def _imagefolder_root(data_cfg: DataRecipe) -> Path:
+    """``data.root`` of an image folder dataset; `DataError` unless it holds train/ and val/."""
     root = Path(str(data_cfg.root)).expanduser()
     missing = [str(root / split) for split in ("train", "val") if not (root / split).is_dir()]
     if missing:
@@ -393,6 +390,52 @@ def _imagefolder(
             f"{root}/train/<class>/<image> and {root}/val/<class>/<image> (for ImageNet, sort the "
             "validation images into class folders first, e.g. with the usual valprep.sh)"
         )
+    return root
+
+
+def _cifar_root(data_cfg: DataRecipe) -> tuple[type[Any], Path]:
+    """The torchvision class of a CIFAR dataset and the folder that holds its data."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if data_cfg.dataset == "cifar100" else CIFAR10
+    root = Path(str(data_cfg.root)).expanduser()
+    if root.name == cls.base_folder:  # the user pointed at the extracted folder itself
+        root = root.parent
+    return cls, root
+
+
+def _cifar_missing(cls: type[Any], root: Path) -> DataError:
+    """The error for CIFAR data missing (or corrupt) under ``root``."""
+    label = "CIFAR-100" if cls.__name__ == "CIFAR100" else "CIFAR-10"
+    archive = "cifar-100-python.tar.gz" if label == "CIFAR-100" else "cifar-10-python.tar.gz"
+    return DataError(
+        f"{label} not found or corrupt: looked for {root / cls.base_folder} (torchvision "
+        f"layout). Download https://www.cs.toronto.edu/~kriz/{archive} and extract it into "
+        f"{root}, or run torchvision.datasets.{cls.__name__}('{root}', download=True) on a "
+        "machine with internet access"
+    )
+
+
+def check_data(data_cfg: DataRecipe) -> None:
+    """Raise `DataError` when the data of ``data_cfg`` is not where it is looked for, without
+    reading it: run before a model is built, so that no download or conversion is spent on
+    a run that cannot start."""
+    if data_cfg.dataset == "imagefolder":
+        _imagefolder_root(data_cfg)
+    elif data_cfg.dataset in ("cifar10", "cifar100"):
+        cls, root = _cifar_root(data_cfg)
+        if not (root / cls.base_folder).is_dir():
+            raise _cifar_missing(cls, root)
+    elif data_cfg.dataset == "fashion_mnist":
+        find_fashion_mnist(data_cfg.root)
+
+
+def _imagefolder(
+    data_cfg: DataRecipe, model: nn.Module, in_chans: int
+) -> tuple[Dataset[Sample], Dataset[Sample]]:
+    from torchvision.datasets import ImageFolder
+
+    root = _imagefolder_root(data_cfg)
     train_tf, val_tf = imagefolder_transforms(model, data_cfg.image_size, in_chans)
     if not data_cfg.augment:
         train_tf = val_tf
@@ -412,14 +455,7 @@ def _imagefolder(
 def _cifar(
     data_cfg: DataRecipe, model: nn.Module, in_chans: int
 ) -> tuple[Dataset[Sample], Dataset[Sample]]:
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cls = CIFAR100 if data_cfg.dataset == "cifar100" else CIFAR10
-    label = "CIFAR-100" if cls is CIFAR100 else "CIFAR-10"
-    archive = "cifar-100-python.tar.gz" if cls is CIFAR100 else "cifar-10-python.tar.gz"
-    root = Path(str(data_cfg.root)).expanduser()
-    if root.name == cls.base_folder:  # the user pointed at the extracted folder itself
-        root = root.parent
+    cls, root = _cifar_root(data_cfg)
     size = data_cfg.image_size or NATIVE_SIZE[data_cfg.dataset]
     mean, std = _normalization(model, in_chans)
     native = NATIVE_SIZE[data_cfg.dataset]
@@ -439,12 +475,7 @@ def _cifar(
             transform=small_image_transform(native, size, in_chans, mean, std, train=False),
         )
     except RuntimeError as exc:
-        raise DataError(
-            f"{label} not found or corrupt: looked for {root / cls.base_folder} (torchvision "
-            f"layout). Download https://www.cs.toronto.edu/~kriz/{archive} and extract it into "
-            f"{root}, or run torchvision.datasets.{cls.__name__}('{root}', download=True) on a "
-            "machine with internet access"
-        ) from exc
+        raise _cifar_missing(cls, root) from exc
     return train, val
 
 
@@ -511,11 +542,13 @@ def build_datasets(
 
 
 def check_label_count(dataset: Dataset[Any], num_classes: int) -> None:
-    """Raise `DataError` when ``dataset`` names more classes than the model predicts."""
+    """Raise `DataError` when ``dataset`` names more or fewer classes than the model predicts:
+    more cannot train (labels beyond the outputs), fewer would train a head whose other outputs
+    never see an example (a 1000-class head on a 3-class folder)."""
     classes = dataset_classes(dataset)
-    if classes and len(classes) > num_classes:
+    if classes and len(classes) != num_classes:
         raise DataError(
-            f"the dataset has {len(classes)} classes but the model predicts "
-            f"{num_classes}: set model.num_classes (float models) or use a checkpoint "
-            "converted with a matching --num-classes"
+            f"the dataset has {len(classes)} classes but the model predicts {num_classes}: "
+            f"set model.num_classes={len(classes)} (a new classifier of that size, freshly "
+            "initialised; the rest of the model keeps its weights)"
         )

@@ -15,6 +15,15 @@ class ModelLoadError(MCNError):
     """A float model or its weights could not be built or loaded."""
 
 
+class WeightsUnavailable(ModelLoadError):
+    """Published weights cannot be fetched: offline and not in the local cache, or the download
+    failed. The message names no option: each command adds the options it accepts."""
+
+    def with_advice(self, advice: str) -> WeightsUnavailable:
+        """The same error with ``advice`` (what this command accepts instead) appended."""
+        return WeightsUnavailable(f"{self}; {advice}")
+
+
 class ConversionError(MCNError):
     """The conversion pass cannot convert the given model as asked."""
 

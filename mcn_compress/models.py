@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcn_compress.errors import ModelLoadError
+from mcn_compress.errors import ModelLoadError, WeightsUnavailable, first_line
+from mcn_compress.hub import HUB_PREFIXES, published_weights
 from mcn_compress.info import TV_PREFIX, ModelSource, update_info
 from mcn_compress.limits import check_file, file_problem
 
@@ -77,7 +78,14 @@ def _unknown_message(name: str) -> str:
 
 
 def build_model(source: ModelSource, pretrained: bool = False) -> nn.Module:
-    """Instantiate ``source``; with ``pretrained`` fetch its published weights (needs network)."""
+    """Instantiate ``source``; with ``pretrained`` its published weights, from the local cache
+    or the network (`hub.published_weights`: offline and not cached, `WeightsUnavailable`
+    at once)."""
+    with published_weights(source, pretrained):
+        return _build(source, pretrained)
+
+
+def _build(source: ModelSource, pretrained: bool) -> nn.Module:
     try:
         if source.library == "torchvision":
             import torchvision
@@ -96,15 +104,12 @@ def build_model(source: ModelSource, pretrained: bool = False) -> nn.Module:
         raise
     except Exception as exc:
         if pretrained:
-            raise ModelLoadError(
-                f"could not fetch pretrained weights for {source.display_name} "
-                f"({type(exc).__name__}); offline? pass --weights FILE or --no-pretrained"
+            raise WeightsUnavailable(
+                f"could not fetch the published weights of {source.display_name} "
+                f"({type(exc).__name__}: {first_line(exc)[:200]})"
             ) from exc
         raise ModelLoadError(f"could not build {source.display_name}: {exc}") from exc
     return model
-
-
-HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 
 
 def rebuild_model(source: ModelSource) -> nn.Module:
@@ -217,7 +222,8 @@ def load_float_model(
 
     With ``weights`` the architecture is built without downloads and the file is loaded
     (``pretrained`` is then ignored). Never falls back to random weights silently: when the
-    published weights cannot be fetched this raises `ModelLoadError`.
+    published weights cannot be fetched (offline and not in the local cache: at once, see
+    `mcn_compress.hub`) this raises `WeightsUnavailable`.
 
     Example:
         >>> model = load_float_model("resnet18", pretrained=False)

@@ -91,6 +91,7 @@ LEVELS = {  # docs/design.md section 4.1: a module imports only from its level a
     "passes": 2,
     "info": 2,
     "models": 2,
+    "hub": 2,
     "smallnets": 2,
     "data": 2,
     "idx": 2,

@@ -32,12 +32,6 @@ def test_unknown_name_suggests_close_names() -> None:
         load_float_model("tv:resnet18", pretrained=False, in_chans=1)
 
 
-@pytest.mark.parametrize("name", ["resnet10t", "tv:resnet18"])
-def test_pretrained_offline_fails_with_advice(name: str) -> None:
-    with pytest.raises(ModelLoadError, match="--weights FILE or --no-pretrained"):
-        load_float_model(name, pretrained=True)
-
-
 def _trained_state(num_classes: int = 6) -> dict[str, torch.Tensor]:
     model = load_float_model("resnet10t", pretrained=False, num_classes=num_classes)
     with torch.no_grad():

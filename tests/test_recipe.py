@@ -99,7 +99,7 @@ def test_mcn_warmup_is_a_fifth_of_the_epochs(epochs: int, warmup: int) -> None:
 
 def test_imagenet_recipe_is_set_up_for_resnet18_imagefolder() -> None:
     recipe = load_recipe(next(p for p in RECIPES if p.name == "imagenet.yaml"))
-    assert recipe.model.name == "resnet18" and recipe.model.num_classes == 1000
+    assert recipe.model.name == "resnet18" and recipe.model.num_classes is None  # the data's
     assert recipe.data.dataset == "imagefolder" and recipe.runtime.amp == "bf16"
     assert recipe.optim.lr_mfilter < recipe.optim.lr
 

@@ -21,7 +21,7 @@ from mcn_compress.cli._common import (
     print_json,
 )
 from mcn_compress.cli.render import layer_table, summary_table
-from mcn_compress.errors import ConfigError
+from mcn_compress.errors import ConfigError, WeightsUnavailable
 from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.info import info_of
 from mcn_compress.module_utils import resolve_input_shape
@@ -33,6 +33,9 @@ from mcn_compress.passes.distill import (
     LARGE_INPUT_STEPS,
     default_steps,
 )
+
+WEIGHTS_ADVICE = "pass --weights FILE (a local state dict) or --no-pretrained (random weights)"
+"""What `convert` accepts instead of published weights it cannot fetch."""
 
 
 def _check_writable(path: Path, weights: Path | None = None) -> None:
@@ -59,36 +62,54 @@ def _progress(quiet: bool) -> Progress:
 def convert_command(
     model: Annotated[
         str,
-        typer.Argument(help="timm name (resnet18), tv:NAME for torchvision, or hf-hub:ID."),
+        typer.Argument(
+            metavar="MODEL", help="timm name (resnet18), tv:NAME for torchvision, or hf-hub:ID."
+        ),
     ],
     out_path: OutOpt,
     planes: Annotated[
-        int, typer.Option("--planes", "-k", help="K: M-Filter planes per layer (1 bit x K).")
+        int,
+        typer.Option(
+            "--planes", "-k", metavar="K", help="K: M-Filter planes per layer (1 bit x K)."
+        ),
     ] = 4,
     width: Annotated[
-        str, typer.Option(help="keep: same tensor shapes (drop-in); expand: K-times wider.")
+        str,
+        typer.Option(
+            metavar="keep|expand",
+            help="keep: same tensor shapes (drop-in); expand: K-times wider tensors.",
+        ),
     ] = "keep",
     mcn1: Annotated[
         bool, typer.Option("--mcn1", help="MCNs-1: one scalar per M plane instead of kh x kw.")
     ] = False,
     keep: Annotated[
         list[str] | None,
-        typer.Option("--keep", help="Regex on module names to keep float (repeatable)."),
+        typer.Option(
+            "--keep", metavar="REGEX", help="Keep matching module names float (repeatable)."
+        ),
     ] = None,
     only: Annotated[
         list[str] | None,
-        typer.Option("--only", help="Regex on module names: convert only these (repeatable)."),
+        typer.Option(
+            "--only", metavar="REGEX", help="Convert only matching module names (repeatable)."
+        ),
     ] = None,
     grouped: Annotated[
         bool, typer.Option("--grouped", help="Also convert grouped convs (per-group % K == 0).")
     ] = False,
     weights: Annotated[
         Path | None,
-        typer.Option(help="Local float weights (.pt/.pth/.safetensors state dict)."),
+        typer.Option(
+            metavar="FILE", help="Local float weights (.pt/.pth/.safetensors state dict)."
+        ),
     ] = None,
     pretrained: Annotated[
         bool,
-        typer.Option(help="Fetch the published weights (needs network unless cached)."),
+        typer.Option(
+            help="Fetch the published weights (from the local cache, else the network; "
+            "offline and not cached, it fails at once)."
+        ),
     ] = True,
     num_classes: Annotated[int | None, typer.Option(help="Classifier outputs.")] = None,
     in_chans: Annotated[int | None, typer.Option(help="Input channels (timm models).")] = None,
@@ -109,8 +130,8 @@ def convert_command(
         int | None,
         typer.Option(
             help="Label-free distillation steps from the float model (KL at T=4, AdamW 4e-3) "
-            f"after the BatchNorm recalibration; 0 = BatchNorm only [default: {DEFAULT_STEPS} "
-            f"for inputs up to 64x64, else {LARGE_INPUT_STEPS}]. The default takes about "
+            f"after the BatchNorm recalibration; 0 = BatchNorm only (default: {DEFAULT_STEPS} "
+            f"for inputs up to 64x64, else {LARGE_INPUT_STEPS}). The default takes about "
             f"{DISTILL_COST}.",
             min=0,
             show_default=False,
@@ -119,13 +140,14 @@ def convert_command(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Calibration batch size [default: 128 for inputs up to 64x64, else 16].",
+            help="Calibration batch size (default: 128 for inputs up to 64x64, else 16).",
             min=1,
             show_default=False,
         ),
     ] = None,
     device: Annotated[
-        str, typer.Option(help="Where to calibrate: auto (cuda when present), cpu or cuda.")
+        str,
+        typer.Option(metavar="auto|cpu|cuda", help="Where to calibrate (auto: cuda when present)."),
     ] = "auto",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -134,16 +156,16 @@ def convert_command(
 
     Every eligible conv becomes an MCConv2d (1-bit filters x learned M-Filter); the stem,
     the classifier, depthwise and non-divisible convs stay float, each listed with the reason.
+    Published weights come from the local cache, else the network; offline and not cached,
+    the command stops at once: pass --weights FILE or --no-pretrained.
 
     Examples:
 
+    \b
       mcn-compress convert resnet18 --out model.pt
-
-      mcn-compress convert tv:resnet18 --weights r18.pth --planes 2 --out r18-k2.pt
-
-      mcn-compress convert resnet50 --no-pretrained --keep 'layer4' --json -o r50.pt
-
-      mcn-compress convert resnet18 --weights r18.pth --calibrate-data imgs/ -o m.pt
+      mcn-compress convert tv:resnet18 --weights r18.pth -k 2 -o r18-k2.pt
+      mcn-compress convert resnet50 --no-pretrained --keep layer4 --json -o m.pt
+      mcn-compress convert resnet18 --weights w.pth --calibrate-data imgs -o m.pt
     """
     from mcn_compress.calibration_data import check_image_count
     from mcn_compress.config import MCNConfig
@@ -169,13 +191,16 @@ def convert_command(
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
         with err.status(f"Loading {model}", spinner="dots") if show else contextlib.nullcontext():
-            float_model = load_float_model(
-                model,
-                pretrained=pretrained,
-                weights=weights,
-                num_classes=num_classes,
-                in_chans=in_chans,
-            ).eval()
+            try:
+                float_model = load_float_model(
+                    model,
+                    pretrained=pretrained,
+                    weights=weights,
+                    num_classes=num_classes,
+                    in_chans=in_chans,
+                ).eval()
+            except WeightsUnavailable as exc:
+                raise exc.with_advice(WEIGHTS_ADVICE) from exc
         calibration = None
         if calibrate_data is not None:
             import torch
