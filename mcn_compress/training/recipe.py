@@ -83,6 +83,13 @@ def at_most(problems: list[tuple[str, str]], key: str, value: int | None, most: 
         problems.append((key, f"expected at most {most:,}, got {value:,}"))
 
 
+AS_WRITTEN = "_as_written"
+"""Attribute of a recipe section holding the values the user wrote for its derived keys."""
+DERIVED_OPTIM = ("lr_mfilter", "warmup_epochs", "milestones")
+"""Keys of ``optim`` whose value is derived from others when left out or out of range:
+``lr_mfilter`` (``lr / 10``), ``warmup_epochs`` (clamped below ``epochs``), ``milestones``
+(1/2 and 3/4 of ``epochs``)."""
+
 #: datasets whose ``data.root`` has no default location
 ROOT_REQUIRED: tuple[str, ...] = ("imagefolder", "cifar10", "cifar100")
 
@@ -205,6 +212,9 @@ class OptimRecipe:
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        # what the user wrote, before the values derived below (resume compares these)
+        written = {key: getattr(self, key) for key in DERIVED_OPTIM}
+        object.__setattr__(self, AS_WRITTEN, {k: _plain(v) for k, v in written.items()})
         problems: list[tuple[str, str]] = []
         if self.epochs < 1:
             problems.append(("epochs", f"expected a positive integer, got {self.epochs}"))
@@ -492,19 +502,26 @@ def apply_overrides(recipe_dict: Mapping[str, Any], overrides: Sequence[str]) ->
     return result
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, as_written: bool = False) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        fields = {
+            f.name: _plain(getattr(value, f.name), as_written) for f in dataclasses.fields(value)
+        }
+        if as_written:
+            fields.update(getattr(value, AS_WRITTEN, {}))
+        return fields
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, as_written) for v in value]
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, as_written) for k, v in value.items()}
     return value
 
 
-def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    """The resolved recipe as plain containers (loadable again by `recipe_from_dict`)."""
-    return _plain(recipe)
+def recipe_to_dict(recipe: Recipe, as_written: bool = False) -> dict[str, Any]:
+    """The resolved recipe as plain containers (loadable again by `recipe_from_dict`); with
+    ``as_written`` the derived keys (`DERIVED_OPTIM`) hold what the user wrote instead (None
+    where nothing was written), which is what a resumed run compares."""
+    return _plain(recipe, as_written)
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> Path:

@@ -370,18 +370,43 @@ def claim_run_dir(
     return lock
 
 
-def recipe_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+def _flatten(recipe: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim.lr": 0.1, ...}``: nested sections flattened to dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in recipe.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_changes(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    saved_written: dict[str, Any] | None = None,
+    current_written: dict[str, Any] | None = None,
+) -> list[str]:
     """``"key: old -> new"`` for every recipe value that differs between ``saved`` and
-    ``current`` (nested sections flattened), except `RESUMABLE_CHANGES`."""
-    changes = []
-    for key in sorted(set(saved) | set(current)):
-        path = f"{prefix}{key}"
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            changes += recipe_changes(old, new, f"{path}.")
-        elif old != new and path not in RESUMABLE_CHANGES:
-            changes.append(f"{path}: {old!r} -> {new!r}")
-    return changes
+    ``current`` (resolved recipes, nested sections flattened), except `RESUMABLE_CHANGES`.
+
+    With the recipes as the user wrote them (``*_written``, `recipe.recipe_to_dict` with
+    ``as_written``), a key differs only when it differs both resolved and as written: a value
+    derived from a resumable one (a warmup clamped below a run's ``epochs``) may change, and a
+    run resumed from its own resolved recipe.yaml is the same run. The message shows what was
+    written.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    both = saved_written is not None and current_written is not None
+    old_w = _flatten(saved_written) if both else old  # type: ignore[arg-type]
+    new_w = _flatten(current_written) if both else new  # type: ignore[arg-type]
+    return [
+        f"{key}: {old_w.get(key)!r} -> {new_w.get(key)!r}"
+        for key in sorted(set(old) | set(new) | set(old_w) | set(new_w))
+        if key not in RESUMABLE_CHANGES
+        and old.get(key) != new.get(key)
+        and old_w.get(key) != new_w.get(key)
+    ]
 
 
 def last_good(run_dir: Path) -> str:

@@ -157,6 +157,27 @@ class _Accumulator:
         )
 
 
+def _check_same_recipe(state: dict[str, Any], recipe: Recipe, path: Path, run_dir: Path) -> None:
+    """Refuse to resume the run of ``state`` (a checkpoint's ``train_state``) with ``recipe``
+    when they differ in more than `run_dir.RESUMABLE_CHANGES`, compared as the user wrote them
+    (`run_dir.recipe_changes`)."""
+    saved, written = state.get("recipe"), state.get("recipe_as_written")
+    if not saved:
+        return
+    changes = recipe_changes(
+        saved,
+        recipe_to_dict(recipe),
+        written if isinstance(written, dict) else None,
+        recipe_to_dict(recipe, as_written=True),
+    )
+    if changes:
+        raise ConfigError(
+            f"cannot resume {path}: the recipe differs from the run's ({'; '.join(changes)}); "
+            f"resume with the run's settings ({run_dir / RUN_RECIPE}) or start anew "
+            "with --overwrite"
+        )
+
+
 @dataclass
 class TrainResult:
     """What `Trainer.fit` produced."""
@@ -318,6 +339,7 @@ class Trainer:
             "history": [asdict(m) for m in self.history],
             "best_top1": self.best_top1,
             "recipe": recipe_to_dict(self.recipe),
+            "recipe_as_written": recipe_to_dict(self.recipe, as_written=True),
         }
         payload = run_checkpoint(self.model, state, parent=self._parent, metrics=metrics)
         for name in names:
@@ -326,13 +348,7 @@ class Trainer:
     def _load_state(self, path: Path) -> None:
         data = read_resume_checkpoint(path)
         state = data["train_state"]
-        changes = recipe_changes(state.get("recipe") or {}, recipe_to_dict(self.recipe))
-        if state.get("recipe") and changes:
-            raise ConfigError(
-                f"cannot resume {path}: the recipe differs from the run's ({'; '.join(changes)}); "
-                f"resume with the run's settings ({self.run_dir / RUN_RECIPE}) or start anew "
-                "with --overwrite"
-            )
+        _check_same_recipe(state, self.recipe, path, self.run_dir)
         load_model_state(self.model, data, path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
