@@ -28,6 +28,7 @@ from mcn_compress.errors import (
     PipelineStopped,
     RunFolderError,
     TrainingDiverged,
+    WeightsUnavailable,
 )
 from mcn_compress.formats.checkpoint import save
 from mcn_compress.formats.load import load
@@ -57,6 +58,7 @@ __all__ = [
     "PipelineStopped",
     "RunFolderError",
     "TrainingDiverged",
+    "WeightsUnavailable",
     "__version__",
     "calibrate",
     "convert",
