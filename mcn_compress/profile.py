@@ -25,7 +25,7 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from mcn_compress.errors import MCNError
-from mcn_compress.evaluate import accuracy, validation_set
 from mcn_compress.info import ModelSource, info_of, update_info
 from mcn_compress.models import build_model, load_weights
 from mcn_compress.module_utils import resolve_input_shape
@@ -42,15 +41,12 @@ from mcn_compress.nn.init import relative_error
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.factored import optimize_for_inference
 from mcn_compress.storage import size_bound, storage_counts
-from mcn_compress.training.run_dir import RunDir, load_run_model, read_run
 
 if TYPE_CHECKING:
-    from mcn_compress.training.recipe import DataRecipe
+    pass
 
 _logger = logging.getLogger(__name__)
 
-#: ``progress(label, done, total)``: the same, for the model of row ``label``
-LabeledProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -103,14 +99,14 @@ class ModelProfile:
     planes: int | None
     width: str | None
     mcn1: bool
-    converted_layers: int
-    float_layers: int
-    binary_params: int
-    float_params: int
-    float_buffers: int
-    float32_bytes: int
+    converted_layers: int | None  # None for an ONNX file (kind "onnx")
+    float_layers: int | None
+    binary_params: int | None
+    float_params: int | None
+    float_buffers: int | None
+    float32_bytes: int | None  # None when the float original cannot be rebuilt
     packed_bytes: int | None
-    min_bytes: int
+    min_bytes: int | None
     float16: bool = False
     float_layer_dtype: str = "float32"  # how the packed file stores float layer weights (4.9)
     path: str | None = None
@@ -128,29 +124,39 @@ class ModelProfile:
     factored: dict[str, Any] | None = None  # MCN: `factored_profile`
     calibration_images: int | None = None  # unlabeled images calibrated on after conversion
     calibration_steps: int | None = None  # label-free distillation steps on them
+    onnx: dict[str, Any] | None = None  # an ONNX file: its layout, compute, activations, threads
     layers: list[LayerProfile] | None = field(default=None, repr=False)
 
     @property
-    def file_bytes(self) -> int:
-        """The file this row ships: the packed file, or the float32 file for the original."""
+    def file_bytes(self) -> int | None:
+        """The file this row ships: the packed or ONNX file, or the float32 file for the
+        original."""
+        if self.onnx is not None:
+            return int(self.onnx["bytes"])
         return self.packed_bytes if self.packed_bytes is not None else self.float32_bytes
 
     @property
-    def bound_bytes(self) -> int:
-        return size_bound(self.min_bytes)
+    def bound_bytes(self) -> int | None:
+        return None if self.min_bytes is None else size_bound(self.min_bytes)
 
     @property
-    def within_bound(self) -> bool:
+    def within_bound(self) -> bool | None:
+        if self.file_bytes is None or self.bound_bytes is None:
+            return None
         return self.file_bytes <= self.bound_bytes
 
     @property
-    def overhead(self) -> float:
+    def overhead(self) -> float | None:
         """``file_bytes / min_bytes - 1``: the fraction spent beyond the theoretical minimum."""
+        if self.min_bytes is None or self.file_bytes is None:
+            return None
         return self.file_bytes / self.min_bytes - 1 if self.min_bytes else 0.0
 
     @property
-    def ratio(self) -> float:
+    def ratio(self) -> float | None:
         """Compression against the float32 original: ``float32_bytes / file_bytes``."""
+        if self.float32_bytes is None or not self.file_bytes:
+            return None
         return self.float32_bytes / self.file_bytes
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +197,7 @@ class ModelProfile:
             **{f"factored_{k}": (self.factored or {}).get(k) for k in FACTORED_KEYS},
             "calibration_images": self.calibration_images,
             "calibration_steps": self.calibration_steps,
+            "onnx": self.onnx,
         }
         if self.layers is not None:
             data["layers"] = [layer.to_dict() for layer in self.layers]
@@ -413,7 +420,7 @@ def profile_model(
     float_model: nn.Module | None = model
     if is_mcn and config is not None and config.width == "expand":
         # folding widened convs would count K^2 too much: measure the rebuilt float original
-        rebuilt = _float_original(source, False) if isinstance(source, ModelSource) else None
+        rebuilt = float_original(source, False) if isinstance(source, ModelSource) else None
         float_model = rebuilt[0] if rebuilt is not None else None
     profile = ModelProfile(
         label=label,
@@ -457,11 +464,7 @@ def profile_model(
     return profile
 
 
-def _source_key(source: ModelSource) -> tuple[str, str, str]:
-    return source.library, source.name, repr(sorted(source.kwargs.items()))
-
-
-def _float_original(source: ModelSource, with_weights: bool) -> tuple[nn.Module, bool] | None:
+def float_original(source: ModelSource, with_weights: bool) -> tuple[nn.Module, bool] | None:
     """Rebuild the float architecture (no downloads) and say whether its real weights were
     loaded: its local weights file is read when asked and the file still exists. None when the
     architecture cannot be built."""
@@ -479,105 +482,3 @@ def _float_original(source: ModelSource, with_weights: bool) -> tuple[nn.Module,
         except MCNError as exc:
             _logger.warning("float weights %s not usable: %s", source.weights, exc)
     return model.eval(), weighted
-
-
-def _load_path(p: Path) -> tuple[nn.Module, RunDir | None]:
-    from mcn_compress.formats.load import load
-
-    if p.is_dir():
-        run = read_run(p)
-        return load_run_model(run), run
-    return load(p), None
-
-
-def profile_paths(
-    paths: Sequence[str | Path],
-    *,
-    float16: bool = False,
-    per_layer: bool = False,
-    latency: bool = False,
-    input_size: int | None = None,
-    data: DataRecipe | None = None,
-    progress: LabeledProgressFn | None = None,
-    seed: int = 0,
-) -> list[ModelProfile]:
-    """Profiles of checkpoints, packed files and run directories, each MCN model preceded by
-    its float original.
-
-    The float original is rebuilt from the stored description (random weights: sizes and
-    latency do not depend on them) and listed once per distinct architecture, before the first
-    model derived from it. Per-layer reconstruction errors and accuracy use its real weights
-    when the description names a local weights file that still exists (otherwise its accuracy
-    stays None). For a packed file stored with float16 the packed size is measured with
-    float16 too. A run directory is reported through its ``best.pt`` (else ``last.pt``), with
-    the final and best validation top-1 of its ``metrics.jsonl``.
-
-    With ``data`` every model is evaluated on that dataset's validation split
-    (`validation_set`, `accuracy`); ``progress(label, done, total)`` reports each evaluation.
-    ``seed`` picks the validation subset (and the synthetic data); a run directory uses its
-    recipe's ``runtime.seed`` instead, for itself and for its float original.
-    """
-    loaded = [(Path(path), *_load_path(Path(path))) for path in paths]
-    profiles: list[ModelProfile] = []
-    seen: set[tuple[str, str, str]] = set()
-
-    def evaluate(model: nn.Module, profile: ModelProfile, seed: int) -> None:
-        if data is None:
-            return
-        val = validation_set(model, data, seed=seed, name=profile.label)
-
-        def report(done: int, total: int) -> None:
-            if progress is not None:
-                progress(profile.label, done, total)
-
-        profile.top1, profile.top5 = accuracy(
-            model, val, batch_size=data.batch_size, workers=data.workers, progress=report
-        )
-        profile.eval_dataset = data.dataset
-        profile.eval_samples = len(val)  # type: ignore[arg-type]
-
-    for p, model, run in loaded:
-        eval_seed = run.seed if run is not None and run.seed is not None else seed
-        info = info_of(model)
-        source = info.source
-        is_mcn = any(isinstance(m, MCConv2d) for m in model.modules())
-        reference = None
-        if isinstance(source, ModelSource) and is_mcn:
-            rebuilt = _float_original(source, with_weights=per_layer or data is not None)
-            if rebuilt is not None:
-                original, weighted = rebuilt
-                key = _source_key(source)
-                if key not in seen:
-                    seen.add(key)
-                    row = profile_model(
-                        original,
-                        f"{source.display_name} (float)",
-                        per_layer=per_layer,
-                        latency=latency,
-                        input_size=input_size,
-                    )
-                    if weighted:
-                        evaluate(original, row, eval_seed)
-                    profiles.append(row)
-                if weighted:
-                    reference = original
-        file = run.checkpoint if run is not None else p
-        profile = profile_model(
-            model,
-            str(p),
-            float16=float16 or info.packed_float16,
-            float_layers=info.packed_float_layers,
-            per_layer=per_layer,
-            latency=latency,
-            input_size=input_size,
-            reference=reference,
-            path=file,
-        )
-        if run is not None:
-            profile.run_dir = str(run.path)
-            profile.run_epochs = run.epochs
-            profile.run_final_top1 = run.final_top1
-            profile.run_best_top1 = run.best_top1
-        evaluate(model, profile, eval_seed)
-        profiles.append(profile)
-    return profiles

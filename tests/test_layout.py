@@ -102,6 +102,7 @@ LEVELS = {  # docs/design.md section 4.1: a module imports only from its level a
     "evaluate": 4,
     "calibration_data": 4,
     "profile": 5,
+    "report_paths": 5,
     "plot": 5,
     "experiments": 5,
     "cli": 6,

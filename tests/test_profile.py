@@ -32,7 +32,8 @@ from mcn_compress import (
     save,
 )
 from mcn_compress.cli import app
-from mcn_compress.profile import ModelProfile, profile_paths
+from mcn_compress.profile import ModelProfile
+from mcn_compress.report_paths import profile_paths
 
 
 def test_profiles_match_independent_counts_and_real_files(files: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from mcn_compress import (
     load_float_model,
 )
 from mcn_compress.data import SyntheticImages
-from mcn_compress.profile import profile_paths
+from mcn_compress.report_paths import profile_paths
 from mcn_compress.training.recipe import DataRecipe
 from mcn_compress.training.run_dir import FLOAT_FORMAT, EpochMetrics
 

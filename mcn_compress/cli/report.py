@@ -87,12 +87,17 @@ ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
     ("packed bytes", _packed),
     ("float layer weights stored as", lambda p: p.float_layer_dtype if p.kind == "mcn" else "-"),
     ("theoretical min bytes", lambda p: _int(p.min_bytes)),
-    ("overhead vs min", lambda p: f"{p.overhead:+.2%}"),
-    ("within 1% + 16 KiB", lambda p: "yes" if p.within_bound else "NO"),
-    ("compression vs float32", lambda p: f"{p.ratio:.2f}x"),
+    ("overhead vs min", lambda p: "-" if p.overhead is None else f"{p.overhead:+.2%}"),
+    ("within 1% + 16 KiB", lambda p: _yes_no(p.within_bound)),
+    ("compression vs float32", lambda p: "-" if p.ratio is None else f"{p.ratio:.2f}x"),
     ("conv MACs per image", lambda p: _int(p.conv_macs)),
     ("conv MACs, factored", lambda p: _int((p.factored or {}).get("conv_macs"))),
     ("conv weight bytes held (dense / factored)", lambda p: _held(p.factored)),
+]
+ONNX_ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
+    ("ONNX file bytes", lambda p: _int((p.onnx or {}).get("bytes"))),
+    ("ONNX weights / compute", lambda p: _onnx_pair(p.onnx, "weights", "compute")),
+    ("ONNX activations / threads", lambda p: _onnx_pair(p.onnx, "activations", "threads")),
 ]
 CALIBRATION_ROW: tuple[str, Callable[[ModelProfile], str]] = (
     "calibration (images / distill steps)",
@@ -129,6 +134,16 @@ LAYER_COLUMNS: list[tuple[str, Callable[[LayerProfile], str]]] = [
 ]
 
 
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else "yes" if value else "NO"
+
+
+def _onnx_pair(onnx: dict[str, Any] | None, first: str, second: str) -> str:
+    if onnx is None:
+        return "-"
+    return f"{onnx.get(first) or '-'} / {onnx.get(second) or '-'}"
+
+
 def _held(factored: dict[str, Any] | None) -> str:
     """Float32 conv weight bytes a runtime holds, dense and factored (design.md 4.8)."""
     return _pair(factored, "dense_weight_bytes", "weight_bytes")
@@ -147,6 +162,9 @@ def _ms(value: float | None) -> str:
 def _rows(profiles: Sequence[ModelProfile]) -> list[tuple[str, Callable[[ModelProfile], str]]]:
     """The rows that have a value for some model: latency, run metrics, accuracy if measured."""
     rows = list(ROWS)
+    if any(p.onnx is not None for p in profiles):
+        at = [title for title, _ in rows].index("packed bytes") + 1
+        rows[at:at] = ONNX_ROWS
     if any(p.calibration_images for p in profiles):
         rows.append(CALIBRATION_ROW)
     if any(p.latency_ms is not None for p in profiles):
@@ -288,6 +306,7 @@ DATA_OPTIONS = {
 def data_recipe(dataset: DataChoice | None, **options: Any) -> DataRecipe | None:
     """The `DataRecipe` of the ``--data`` options (None without ``--data``); its validation
     errors are reported with the option names."""
+    from mcn_compress.passes.planner import default_threads
     from mcn_compress.training.recipe import DataRecipe
 
     given = {k: v for k, v in options.items() if v is not None}
@@ -296,6 +315,7 @@ def data_recipe(dataset: DataChoice | None, **options: Any) -> DataRecipe | None
             names = ", ".join(DATA_OPTIONS[k] for k in given)
             raise ConfigError(f"{names} only apply with --data DATASET")
         return None
+    given.setdefault("workers", min(4, default_threads()))
     try:
         return DataRecipe(dataset=dataset.value, **given)
     except ConfigError as exc:
@@ -410,7 +430,9 @@ def report_command(
     workers: Annotated[
         int | None,
         typer.Option(
-            "--workers", help="Data loader workers for --data (default: 4).", show_default=False
+            "--workers",
+            help="Data loader workers for --data (default: 4, at most the CPU cores).",
+            show_default=False,
         ),
     ] = None,
     val_samples: Annotated[
@@ -465,7 +487,7 @@ def report_command(
     """
     from mcn_compress.limits import file_problem, long_component, shorten
     from mcn_compress.plot import plot_training_curves
-    from mcn_compress.profile import profile_paths
+    from mcn_compress.report_paths import profile_paths
 
     errors_only(quiet)
     with cli_errors():

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,6 +61,7 @@ from mcn_compress.formats.onnx_int8 import (
     store_float_layers,
 )
 from mcn_compress.formats.onnx_packing import PackedLayer, inline_initializer_aliases, pack_graph
+from mcn_compress.formats.onnx_runtime import SOURCE_KEY
 from mcn_compress.formats.onnx_torch import (
     DEFAULT_OPSET,
     EXPORTERS,
@@ -68,6 +70,7 @@ from mcn_compress.formats.onnx_torch import (
     torch_export,
 )
 from mcn_compress.formats.packed import pack_signs
+from mcn_compress.info import info_of
 from mcn_compress.module_utils import input_sizes, resolve_input_shape, set_submodule
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.fold_bn import fold_batchnorms
@@ -256,6 +259,7 @@ def onnx_model(
     foreign = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the exported graph uses non-standard ONNX domains: {foreign}")
+    source = info_of(model).source
     for key, value in (
         ("mcn_compress.weights", weights),
         ("mcn_compress.planes", _planes(model)),
@@ -263,9 +267,11 @@ def onnx_model(
         ("mcn_compress.threads", str(threads)),
         ("mcn_compress.exporter", used),
         (METADATA_KEY, float_layers),
+        (SOURCE_KEY, json.dumps(source.to_dict()) if source is not None else ""),
     ):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+        if value:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
     size = proto.ByteSize()
     if size > _MAX_PROTO_BYTES:
         raise ExportError(
