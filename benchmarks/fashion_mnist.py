@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from mcn_compress.defaults import CALIBRATION_IMAGES, CALIBRATION_STEPS
 from mcn_compress.experiments.fashion_mnist import (
     Budget,
     Variant,
@@ -40,7 +41,6 @@ from mcn_compress.experiments.fashion_mnist import (
     finetune_variant,
     pretrain_float,
 )
-from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
 from mcn_compress.training.run_dir import EpochMetrics
 from mcn_compress.training.trainer import TrainCallbacks
 
@@ -130,13 +130,13 @@ def main() -> None:
     parser.add_argument(
         "--calibrate-images",
         type=int,
-        default=DEFAULT_IMAGES,
+        default=CALIBRATION_IMAGES,
         help="unlabeled training images for BatchNorm recalibration and distillation",
     )
     parser.add_argument(
         "--calibrate-steps",
         type=int,
-        default=DEFAULT_STEPS,
+        default=CALIBRATION_STEPS,
         help="label-free distillation steps after conversion (0: BatchNorm only); the "
         "'calibrated' column is the top-1 after them",
     )

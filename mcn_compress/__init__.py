@@ -15,7 +15,9 @@ The user API (docs/design.md section 4.1), in the order of the job::
 Internals (the passes, formats, layer classes, planner) stay importable from their modules.
 """
 
-from mcn_compress.config import MCNConfig
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from mcn_compress.errors import (
     CheckpointError,
     ConfigError,
@@ -30,17 +32,67 @@ from mcn_compress.errors import (
     TrainingDiverged,
     WeightsUnavailable,
 )
-from mcn_compress.formats.checkpoint import save
-from mcn_compress.formats.load import load
-from mcn_compress.formats.onnx import export_onnx
-from mcn_compress.formats.packed import export_packed
-from mcn_compress.info import MCNInfo, info_of
-from mcn_compress.models import load_float_model
-from mcn_compress.passes.calibration import CalibrationResult, calibrate
-from mcn_compress.passes.convert import convert
-from mcn_compress.passes.factored import optimize_for_inference
-from mcn_compress.passes.planner import Compute
 from mcn_compress.version import __version__
+
+if TYPE_CHECKING:  # the same names, imported on first use below (PyTorch loads only then)
+    from mcn_compress.config import MCNConfig
+    from mcn_compress.errors import (
+        CheckpointError,
+        ConfigError,
+        ConversionError,
+        DataError,
+        ExportError,
+        MCNError,
+        ModelLoadError,
+        OutputError,
+        PipelineStopped,
+        RunFolderError,
+        TrainingDiverged,
+        WeightsUnavailable,
+    )
+    from mcn_compress.formats.checkpoint import save
+    from mcn_compress.formats.load import load
+    from mcn_compress.formats.onnx import export_onnx
+    from mcn_compress.formats.packed import export_packed
+    from mcn_compress.info import MCNInfo, info_of
+    from mcn_compress.models import load_float_model
+    from mcn_compress.passes.calibration import CalibrationResult, calibrate
+    from mcn_compress.passes.convert import convert
+    from mcn_compress.passes.factored import optimize_for_inference
+    from mcn_compress.passes.planner import Compute
+    from mcn_compress.version import __version__
+
+_LAZY = {
+    "MCNConfig": "mcn_compress.config",
+    "save": "mcn_compress.formats.checkpoint",
+    "load": "mcn_compress.formats.load",
+    "export_onnx": "mcn_compress.formats.onnx",
+    "export_packed": "mcn_compress.formats.packed",
+    "MCNInfo": "mcn_compress.info",
+    "info_of": "mcn_compress.info",
+    "load_float_model": "mcn_compress.models",
+    "CalibrationResult": "mcn_compress.passes.calibration",
+    "calibrate": "mcn_compress.passes.calibration",
+    "convert": "mcn_compress.passes.convert",
+    "optimize_for_inference": "mcn_compress.passes.factored",
+    "Compute": "mcn_compress.passes.planner",
+}
+"""The user API that needs PyTorch, by module: imported on first access (PEP 562), so that
+``import mcn_compress`` and ``mcn-compress --help`` stay quick."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mcn_compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "CalibrationResult",

@@ -19,9 +19,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mcn_compress.data import UnlabeledImages, eval_transform, find_images, image_mode
+from mcn_compress.defaults import CALIBRATION_IMAGES
 from mcn_compress.errors import ConfigError, DataError
 from mcn_compress.module_utils import in_channels, resolve_input_shape
-from mcn_compress.passes.distill import DEFAULT_IMAGES
 from mcn_compress.training.recipe import DataRecipe
 
 #: dataset names accepted in place of a directory (``NAME`` or ``NAME:ROOT``)
@@ -39,7 +39,7 @@ def check_image_count(count: int | None) -> None:
     if count is not None and not 1 <= count <= MAX_IMAGES:
         raise ConfigError(
             f"--calibrate-images {count}: expected 1 to {MAX_IMAGES:,} images (the default "
-            f"{DEFAULT_IMAGES:,} is usually enough)"
+            f"{CALIBRATION_IMAGES:,} is usually enough)"
         )
 
 
@@ -74,7 +74,7 @@ def _dataset(
 def calibration_data(
     source: str | Path,
     model: nn.Module,
-    max_images: int | None = DEFAULT_IMAGES,
+    max_images: int | None = CALIBRATION_IMAGES,
     batch_size: int | None = None,
     *,
     seed: int = 0,

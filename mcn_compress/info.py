@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from mcn_compress.config import MCNConfig
 from mcn_compress.errors import ModelLoadError
 from mcn_compress.passes.planner import InferencePlan
 from mcn_compress.passes.summary import ConversionSummary
+
+if TYPE_CHECKING:
+    from torch import nn
 
 INFO_ATTRIBUTE = "mcn_info"
 TV_PREFIX = "tv:"

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class LayerProfile:
     """One module that owns parameters or buffers: its stored bits and float parameters.

@@ -54,3 +54,18 @@ def test_finetune_help_names_the_recipe_and_a_cpu_run() -> None:
         assert key in block
     assert "--set runtime.device=cpu" in text and "recipes/imagenet.yaml" in text
     assert "DIR/train/<class>/*.jpg" in text
+
+
+def test_help_needs_no_pytorch() -> None:
+    """The CLI and the package root import PyTorch only when a command runs, so `--help`
+    answers at once; the API still resolves its names on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mcn_compress, mcn_compress.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "mcn_compress.convert; assert 'torch' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

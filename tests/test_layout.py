@@ -85,6 +85,7 @@ LEVELS = {  # docs/design.md section 4.1: a module imports only from its level a
     "errors": 0,
     "version": 0,
     "config": 0,
+    "defaults": 0,
     "limits": 0,
     "nn": 1,
     "module_utils": 1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -21,18 +21,19 @@ from mcn_compress.cli._common import (
     print_json,
 )
 from mcn_compress.cli.render import layer_table, summary_table
-from mcn_compress.errors import ConfigError, WeightsUnavailable
-from mcn_compress.formats.atomic import check_not_input, check_writable
-from mcn_compress.info import info_of
-from mcn_compress.module_utils import resolve_input_shape
-from mcn_compress.passes.calibration import CalibrationStep
-from mcn_compress.passes.distill import (
-    DEFAULT_IMAGES,
-    DEFAULT_STEPS,
+from mcn_compress.defaults import (
+    CALIBRATION_IMAGES,
+    CALIBRATION_STEPS,
     DISTILL_COST,
     LARGE_INPUT_STEPS,
     default_steps,
 )
+from mcn_compress.errors import ConfigError, WeightsUnavailable
+from mcn_compress.formats.atomic import check_not_input, check_writable
+from mcn_compress.info import info_of
+
+if TYPE_CHECKING:
+    from mcn_compress.passes.calibration import CalibrationStep
 
 WEIGHTS_ADVICE = "pass --weights FILE (a local state dict) or --no-pretrained (random weights)"
 """What `convert` accepts instead of published weights it cannot fetch."""
@@ -125,12 +126,12 @@ def convert_command(
     calibrate_images: Annotated[
         int,
         typer.Option(help="How many calibration images (all of DIR when it holds fewer).", min=1),
-    ] = DEFAULT_IMAGES,
+    ] = CALIBRATION_IMAGES,
     calibrate_steps: Annotated[
         int | None,
         typer.Option(
             help="Label-free distillation steps from the float model (KL at T=4, AdamW 4e-3) "
-            f"after the BatchNorm recalibration; 0 = BatchNorm only (default: {DEFAULT_STEPS} "
+            f"after the BatchNorm recalibration; 0 = BatchNorm only (default: {CALIBRATION_STEPS} "
             f"for inputs up to 64x64, else {LARGE_INPUT_STEPS}). The default takes about "
             f"{DISTILL_COST}.",
             min=0,
@@ -214,6 +215,8 @@ def convert_command(
                 calibrate_data, float_model, calibrate_images, batch_size
             )
             if calibrate_steps is None:
+                from mcn_compress.module_utils import resolve_input_shape
+
                 calibrate_steps = default_steps(resolve_input_shape(float_model)[1:])
         calibrate_steps = calibrate_steps or 0
         with _progress(not show) as bar:

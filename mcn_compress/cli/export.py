@@ -18,10 +18,10 @@ from mcn_compress.cli._common import (
     out,
     print_json,
 )
+from mcn_compress.defaults import FLOAT_LAYER_MODES, WEIGHT_LAYOUTS
 from mcn_compress.errors import ConfigError
 from mcn_compress.formats.atomic import check_not_input, check_writable
-from mcn_compress.formats.onnx import COMPUTE_MODES, WEIGHT_LAYOUTS
-from mcn_compress.formats.quantize import FLOAT_LAYER_MODES
+from mcn_compress.passes.planner import Compute
 
 
 class ExportFormat(str, Enum):
@@ -34,12 +34,12 @@ class ExportFormat(str, Enum):
 OnnxWeights = Enum(  # type: ignore[misc]
     "OnnxWeights", {name: name for name in WEIGHT_LAYOUTS}, type=str
 )
-"""How ONNX stores the converted convs' weights (`formats.onnx.WEIGHT_LAYOUTS`)."""
+"""How ONNX stores the converted convs' weights (`defaults.WEIGHT_LAYOUTS`)."""
 
 OnnxCompute = Enum(  # type: ignore[misc]
-    "OnnxCompute", {name: name for name in COMPUTE_MODES}, type=str
+    "OnnxCompute", {c.value: c.value for c in Compute if c is not Compute.TIME}, type=str
 )
-"""How ONNX computes the converted convs (`formats.onnx.COMPUTE_MODES`; design.md 4.8)."""
+"""How ONNX computes the converted convs (`passes.planner.Compute` but ``time``; design.md 4.8)."""
 
 FloatLayers = Enum(  # type: ignore[misc]
     "FloatLayers", {name: name for name in FLOAT_LAYER_MODES}, type=str

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, errors_only, out, print_json
 from mcn_compress.cli.finetune import RichCallbacks, training_progress
-from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
+from mcn_compress.defaults import CALIBRATION_IMAGES, CALIBRATION_STEPS
 
 
 def quickstart_command(
@@ -36,7 +36,7 @@ def quickstart_command(
     ] = False,
     calibrate_images: Annotated[
         int, typer.Option(help="Unlabeled training images to calibrate the MCN on.", min=1)
-    ] = DEFAULT_IMAGES,
+    ] = CALIBRATION_IMAGES,
     calibrate_steps: Annotated[
         int,
         typer.Option(
@@ -44,7 +44,7 @@ def quickstart_command(
             "(0 = BatchNorm recalibration only).",
             min=0,
         ),
-    ] = DEFAULT_STEPS,
+    ] = CALIBRATION_STEPS,
     data_root: Annotated[
         Path | None,
         typer.Option(help="Fashion-MNIST folder (default: Debian's dataset-fashion-mnist)."),

@@ -38,10 +38,10 @@ from mcn_compress.cli._common import (
     print_json,
 )
 from mcn_compress.errors import ConfigError
-from mcn_compress.profile import LayerProfile, ModelProfile
 from mcn_compress.training.recipe import DatasetName
 
 if TYPE_CHECKING:
+    from mcn_compress.profile import LayerProfile, ModelProfile
     from mcn_compress.training.recipe import DataRecipe
 
 

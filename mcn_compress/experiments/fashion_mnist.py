@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from mcn_compress.defaults import CALIBRATION_IMAGES, CALIBRATION_STEPS
 from mcn_compress.errors import PipelineStopped
 from mcn_compress.formats.digest import file_digest
 from mcn_compress.module_utils import conv_bits
-from mcn_compress.passes.distill import DEFAULT_IMAGES, DEFAULT_STEPS
 from mcn_compress.training.recipe import Recipe, recipe_from_dict, recipe_to_dict
 from mcn_compress.training.run_dir import LAST, EpochMetrics, read_history, run_finished
 from mcn_compress.training.trainer import TrainCallbacks, Trainer, TrainResult
@@ -40,8 +40,8 @@ class Budget:
     seed: int = 0
     root: str | None = None
     augment: bool = False  # random crop + flip cost keep K=4 1.6 points (README)
-    calibrate_images: int = DEFAULT_IMAGES  # unlabeled training images after conversion
-    calibrate_steps: int = DEFAULT_STEPS  # label-free distillation steps; 0: BatchNorm only
+    calibrate_images: int = CALIBRATION_IMAGES  # unlabeled training images after conversion
+    calibrate_steps: int = CALIBRATION_STEPS  # label-free distillation steps; 0: BatchNorm only
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mcn_compress.defaults import WEIGHT_LAYOUTS
 from mcn_compress.errors import ConfigError, ExportError, first_line
 from mcn_compress.formats.atomic import atomic_write
 from mcn_compress.formats.onnx_factored import factor_graph
@@ -86,7 +87,6 @@ from mcn_compress.passes.planner import (
 
 _logger = logging.getLogger(__name__)
 
-WEIGHT_LAYOUTS = ("packed", "folded")
 COMPUTE_MODES = (Compute.DENSE.value, Compute.FACTORED.value, Compute.AUTO.value)
 _MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit on one serialised message
 

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mcn_compress.defaults import FLOAT_LAYER_MODES
 from mcn_compress.errors import ConfigError, ExportError
 from mcn_compress.nn.mcconv import MCConv2d
 
-FLOAT_LAYER_MODES = ("float32", "float16", "int8")
 DEFAULT_FLOAT_LAYERS = "float32"
 INT8_MAX = 127
 SCALE_BYTES = 4  # int8 scales are float32

@@ -24,34 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from mcn_compress.defaults import (
+    CALIBRATION_IMAGES,
+    CALIBRATION_STEPS,
+)
 from mcn_compress.errors import ConfigError
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.calibrate import batch_input, recalibrate_batchnorm
 
 _logger = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 300
-"""Default distillation steps for small inputs (up to 64x64). Measured 2026-12-01 on 2 shared
-CPU cores: ``mcn_resnet_small`` on 2048 Fashion-MNIST images (batch 128) 5.8 min for the whole
-`convert` command."""
-LARGE_INPUT_STEPS = 60
-"""Default for larger inputs: timm resnet18 at 224x224, batch 16, takes about 5 s a step on
-one loaded CPU core (2026-12-01), so 300 steps would take 15-25 minutes; 60 keep the
-calibration of 1024 images within a few minutes on 2 cores."""
-DISTILL_COST = (
-    "6 minutes for a Fashion-MNIST CNN on 2 CPU cores (300 steps); for inputs larger than "
-    "64x64 the default is 60 steps, a few minutes for timm resnet18 at 224x224"
-)
-
-
-def default_steps(input_hw: tuple[int, int]) -> int:
-    """The CLI's distillation steps for inputs of ``input_hw`` (`DEFAULT_STEPS` up to 64x64,
-    else `LARGE_INPUT_STEPS`)."""
-    return DEFAULT_STEPS if input_hw[0] * input_hw[1] <= 64 * 64 else LARGE_INPUT_STEPS
-
-
-DEFAULT_IMAGES = 2048
-"""Default number of calibration images of the CLI (`calibration_data`)."""
+DEFAULT_STEPS = CALIBRATION_STEPS
+DEFAULT_IMAGES = CALIBRATION_IMAGES
 DEFAULT_LR = 4e-3
 DEFAULT_TEMPERATURE = 4.0
 WARMUP_FRACTION = 0.05

@@ -19,10 +19,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcn_compress.errors import ConfigError
-from mcn_compress.nn.mcconv import MCConv2d
+
+if TYPE_CHECKING:
+    from mcn_compress.nn.mcconv import MCConv2d
 
 
 class Form(str, Enum):
