@@ -196,21 +196,22 @@ class Tunables:
     """The rule's parameters (docs/design.md section 4.8), passed to the planner explicitly.
 
     ``copy_cost``: MACs that one gathered float costs in eager ``cols`` (1-thread CPU fit).
-    ``onnx_min_saved_macs``: per thread count (the last entry for more threads), the conv MACs
-    per image a layer must save for its factored ONNX form to be chosen; onnxruntime's dense
-    convs run in a blocked layout with fused activations, and each factored layer adds a dozen
-    nodes that small layers do not earn back, the less so the more threads share them.
+    ``onnx_min_saved_macs``: the conv MACs per image, per onnxruntime thread, a layer must save
+    for its factored ONNX form to be chosen. onnxruntime's dense convs run in a blocked layout
+    with fused activations and spread over the threads; a factored layer adds a dozen nodes
+    whose copies (windows, concatenation, layout reorders) mostly run on one thread, so the
+    time it saves shrinks as 1/threads while its overhead stays: the threshold grows with the
+    thread count (fitted to timings on a 2-core CPU, docs/design.md section 4.8).
     ``onnx_conv_max_pixels``: ONNX ``cols`` convolves its windows by a 1x1 ``Conv`` up to this
     many output pixels (onnxruntime's blocked layout), else by ``MatMul``.
     """
 
     copy_cost: int = 32
-    onnx_min_saved_macs: tuple[int, ...] = (8_000_000,)
+    onnx_min_saved_macs: int = 8_000_000
     onnx_conv_max_pixels: int = 1024
 
     def min_saved_macs(self, threads: int) -> int:
-        table = self.onnx_min_saved_macs
-        return table[min(max(threads, 1), len(table)) - 1]
+        return self.onnx_min_saved_macs * max(threads, 1)
 
 
 DEFAULT_TUNABLES = Tunables()
