@@ -93,7 +93,7 @@ def test_finetune_quiet_json_and_extending_a_finished_run(tmp_path: Path) -> Non
 def test_quickstart_json_and_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command's own output (the pipeline, tested in test_quickstart.py, is stubbed)."""
 
-    def pipeline(out_dir: Path, budget: Any, **kwargs: Any) -> Any:
+    def pipeline(out_dir: Path, budget: Any, *args: Any, **kwargs: Any) -> Any:
         logging.getLogger("mcn_compress.experiments").warning("a warning -q must drop")
         return SimpleNamespace(
             float_top1=90.0,
@@ -108,9 +108,11 @@ def test_quickstart_json_and_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             minutes=1.0,
             conv_bits=8,
             float_conv_bits=256,
+            stage_seconds={"float": 1.0},
         )
 
     monkeypatch.setattr(mcn_compress.experiments.quickstart, "quickstart", pipeline)
+    monkeypatch.setattr(mcn_compress.experiments.quickstart, "plan", lambda *args: [])
     out = str(tmp_path / "qs")
     _silent(_run("quickstart", "--out", out, "-q"))
     assert _one_json(_run("quickstart", "--out", out, "--json"))["mcn_top1"] == 88.0
