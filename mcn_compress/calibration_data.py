@@ -4,9 +4,10 @@ or the training split of a dataset the recipes know (labels ignored).
 ``source`` is a directory of images (read recursively with the model's eval preprocessing,
 `data.UnlabeledImages`) or a dataset name: ``fashion_mnist`` (Debian's files),
 ``cifar10`` / ``cifar100`` (``NAME:ROOT``, torchvision layout under ROOT) or ``synthetic``.
-Dataset images are resized to the model's input size (timm's ``pretrained_cfg``) and
-normalised as in fine-tuning, without augmentation; the subset is a deterministic random
-one (seeded). Batches come shuffled, in a new seeded order on every pass.
+Images are resized to ``input_hw`` when given (the size the weights were trained at), else
+to the model's input size (timm's ``pretrained_cfg``), and normalised for the model's channel
+count as in fine-tuning, without augmentation; the subset is a deterministic random one
+(seeded). Batches come shuffled, in a new seeded order on every pass.
 """
 
 from __future__ import annotations
@@ -46,19 +47,24 @@ def check_image_count(count: int | None) -> None:
 SMALL_INPUT = 64 * 64  # inputs up to this many pixels get the large default batch
 
 
-def default_batch_size(model: nn.Module) -> int:
+def default_batch_size(model: nn.Module, input_hw: tuple[int, int] | None = None) -> int:
     """The calibration batch of ``model``: 128 for inputs up to 64x64 pixels (Fashion-MNIST,
     CIFAR), 16 above (ImageNet sizes), so a distillation step costs seconds, not minutes."""
-    _, height, width = resolve_input_shape(model)
+    height, width = input_hw or resolve_input_shape(model)[1:]
     return 128 if height * width <= SMALL_INPUT else 16
 
 
 def _dataset(
-    name: str, root: str | None, model: nn.Module, max_images: int | None, seed: int
+    name: str,
+    root: str | None,
+    model: nn.Module,
+    max_images: int | None,
+    seed: int,
+    input_hw: tuple[int, int] | None,
 ) -> Dataset[Any]:
     from mcn_compress.data import build_datasets
 
-    size = resolve_input_shape(model)[1]
+    size = (input_hw or resolve_input_shape(model)[1:])[0]
     count = max_images if max_images is not None or name != "synthetic" else SYNTHETIC_IMAGES
     recipe = DataRecipe(
         dataset=name,  # type: ignore[arg-type]
@@ -78,15 +84,17 @@ def calibration_data(
     batch_size: int | None = None,
     *,
     seed: int = 0,
+    input_hw: tuple[int, int] | None = None,
 ) -> DataLoader[Any]:
     """Shuffled batches of at most ``max_images`` unlabeled images (all when None) from
-    ``source`` (a directory or a dataset name, see the module docstring) for ``model``;
-    ``batch_size`` defaults to `default_batch_size`.
+    ``source`` (a directory or a dataset name, see the module docstring) for ``model``, at
+    ``input_hw`` (default: the model's input size); ``batch_size`` defaults to
+    `default_batch_size`.
 
     Raises `ConfigError` for a source that is neither, `DataError` for missing data.
     """
     check_image_count(max_images)
-    batch_size = batch_size or default_batch_size(model)
+    batch_size = batch_size or default_batch_size(model, input_hw)
     if batch_size < 1:
         raise ConfigError(f"the calibration batch size must be >= 1, got {batch_size}")
     text = str(source)
@@ -101,9 +109,9 @@ def calibration_data(
             pick = torch.randperm(len(files), generator=generator)[:max_images]
             files = [files[int(i)] for i in sorted(pick.tolist())]
         mode = image_mode(in_channels(model))
-        dataset: Dataset[Any] = UnlabeledImages(files, eval_transform(model), mode)
+        dataset: Dataset[Any] = UnlabeledImages(files, eval_transform(model, input_hw), mode)
     elif name in CALIBRATION_DATASETS:
-        dataset = _dataset(name, root, model, max_images, seed)
+        dataset = _dataset(name, root, model, max_images, seed, input_hw)
     else:
         raise ConfigError(
             f"calibration data {text!r} is neither a directory nor a dataset name "

@@ -97,11 +97,29 @@ class UnlabeledImages(Dataset[torch.Tensor]):
         return self.transform(read_image(self.files[index], self.mode))
 
 
-def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
-    """The model's eval preprocessing: timm's pretrained config, or ImageNet defaults."""
+def eval_transform(
+    model: nn.Module, input_hw: tuple[int, int] | None = None
+) -> Callable[[Any], torch.Tensor]:
+    """The model's eval preprocessing of an image file, normalised for its channel count
+    (`_normalization`): timm's pretrained config (resize, centre crop), or, with ``input_hw``
+    (the size the model was trained at), a plain resize to it, as small images are read for
+    training (`small_image_transform`)."""
     from timm.data import create_transform, resolve_data_config
+    from torchvision import transforms as T
 
+    in_chans = in_channels(model)
+    mean, std = _normalization(model, in_chans)
+    if input_hw is not None:
+        return T.Compose(
+            [
+                ToMode(image_mode(in_chans)),
+                T.Resize(input_hw, interpolation=T.InterpolationMode.BILINEAR),
+                T.ToTensor(),
+                T.Normalize(list(mean), list(std)),
+            ]
+        )
     config = resolve_data_config({}, model=model)
+    config.update(mean=mean, std=std, input_size=(in_chans, *config["input_size"][1:]))
     return create_transform(**config, is_training=False)
 
 

@@ -313,3 +313,32 @@ def test_calibrate_bad_inputs(tmp_path: Path) -> None:
         )
     assert _run(*base, "--calibrate-steps", "-1").exit_code != 0
     assert not out.exists()
+
+
+def test_calibration_at_the_trained_size_and_channels(tmp_path: Path) -> None:
+    """A 1-channel timm model whose pretrained config says 3x176x176: gray images are
+    normalised for one channel, at --input-size when given (issue: a broadcast crash)."""
+    from PIL import Image
+
+    from mcn_compress.calibration_data import calibration_data
+
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    for index in range(6):
+        Image.new("L", (28, 28), color=128).save(folder / f"{index}.png")
+    model = load_float_model("resnet10t", pretrained=False, in_chans=1, num_classes=10)
+    mean, std = (0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3  # ImageNet's, 1 channel
+    expected = (128 / 255 - mean) / std
+    for size, shape in [((28, 28), (1, 28, 28)), (None, (1, 176, 176))]:
+        batch = next(iter(calibration_data(folder, model, 6, 6, input_hw=size)))
+        assert tuple(batch.shape[1:]) == shape
+        assert torch.allclose(batch, torch.full_like(batch, expected), atol=1e-5)
+    weights = tmp_path / "w.pth"
+    torch.save(model.state_dict(), weights)
+    args = ["convert", "resnet10t", "--in-chans", "1", "--num-classes", "10", "--weights"]
+    args += [str(weights), "--calibrate-data", str(folder), "--calibrate-steps", "1"]
+    ok = CliRunner().invoke(app, [*args, "--input-size", "28", "-o", str(tmp_path / "m.pt")])
+    assert ok.exit_code == 0, ok.stderr
+    bad = CliRunner().invoke(app, [*args, "--input-size", "3,28,28", "-o", str(tmp_path / "n.pt")])
+    assert bad.exit_code == 1 and "takes 1 channels" in bad.stderr
+    assert not (tmp_path / "n.pt").exists()

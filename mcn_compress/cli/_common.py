@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from typer.core import TyperCommand
 
-from mcn_compress.errors import MCNError, first_line
+from mcn_compress.errors import ConfigError, MCNError, first_line
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -154,3 +155,15 @@ class Command(TyperCommand):
             if rows:
                 with formatter.section(title):
                     formatter.write_dl(rows)
+
+
+def parse_input_size(text: str | None) -> tuple[int, ...] | None:
+    """``224``, ``224,192`` or ``3,224,224`` (``x`` also separates) -> a tuple of ints."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(
+            f"--input-size {text!r}: give S, H,W or C,H,W as positive integers (e.g. 3,224,224)"
+        )
+    return tuple(int(p) for p in parts)

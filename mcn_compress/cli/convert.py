@@ -18,6 +18,7 @@ from mcn_compress.cli._common import (
     err,
     errors_only,
     out,
+    parse_input_size,
     print_json,
 )
 from mcn_compress.cli.render import layer_table, summary_table
@@ -138,6 +139,17 @@ def convert_command(
             show_default=False,
         ),
     ] = None,
+    input_size: Annotated[
+        str | None,
+        typer.Option(
+            "--input-size",
+            metavar="S|H,W",
+            show_default=False,
+            help="Image size the float weights were trained at, for --calibrate-data (S, H,W "
+            "or C,H,W; a C must match the model's channels) [default: the model's own, e.g. "
+            "timm's pretrained config].",
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -167,6 +179,8 @@ def convert_command(
       mcn-compress convert tv:resnet18 --weights r18.pth -k 2 -o r18-k2.pt
       mcn-compress convert resnet50 --no-pretrained --keep layer4 --json -o m.pt
       mcn-compress convert resnet18 --weights w.pth --calibrate-data imgs -o m.pt
+      mcn-compress convert resnet14t --in-chans 1 --weights fm.pth -o m.pt \\
+          --calibrate-data gray_pngs --input-size 28
     """
     from mcn_compress.calibration_data import check_image_count
     from mcn_compress.config import MCNConfig
@@ -187,6 +201,9 @@ def convert_command(
             grouped=grouped,
         )
         _check_writable(out_path, weights)
+        size = parse_input_size(input_size)
+        if size is not None and calibrate_data is None:
+            raise ConfigError("--input-size sets the calibration size: it needs --calibrate-data")
         if calibrate_data is not None:
             check_image_count(calibrate_images)
         if device not in ("auto", "cpu", "cuda"):
@@ -211,13 +228,23 @@ def convert_command(
             if device == "cuda" and not torch.cuda.is_available():
                 raise ConfigError("--device cuda: no CUDA device is visible; use auto or cpu")
             float_model.to("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+            from mcn_compress.module_utils import in_channels, resolve_input_shape
+
+            shape = resolve_input_shape(float_model, size)
+            if size is not None and len(size) == 3 and size[0] != in_channels(float_model):
+                raise ConfigError(
+                    f"--input-size {input_size}: the model takes {in_channels(float_model)} "
+                    f"channels, not {size[0]} (give H,W, or convert with --in-chans {size[0]})"
+                )
             calibration = calibration_data(
-                calibrate_data, float_model, calibrate_images, batch_size
+                calibrate_data,
+                float_model,
+                calibrate_images,
+                batch_size,
+                input_hw=shape[1:] if size is not None else None,
             )
             if calibrate_steps is None:
-                from mcn_compress.module_utils import resolve_input_shape
-
-                calibrate_steps = default_steps(resolve_input_shape(float_model)[1:])
+                calibrate_steps = default_steps(shape[1:])
         calibrate_steps = calibrate_steps or 0
         with _progress(not show) as bar:
             task = bar.add_task("Converting", total=None, item="")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +15,7 @@ from mcn_compress.cli._common import (
     cli_errors,
     errors_only,
     out,
+    parse_input_size,
     print_json,
 )
 from mcn_compress.defaults import FLOAT_LAYER_MODES, WEIGHT_LAYOUTS
@@ -52,18 +52,6 @@ def _check_output(path: Path, model_path: Path) -> None:
     device or FIFO, a missing folder, a name too long), or that is the model being exported."""
     check_writable(path)
     check_not_input(path, {"MODEL": model_path})
-
-
-def _parse_input_size(text: str | None) -> tuple[int, ...] | None:
-    """``224``, ``224,192`` or ``3,224,224`` (``x`` also separates) -> a tuple of ints."""
-    if text is None:
-        return None
-    parts = [p.strip() for p in re.split(r"[,x]", text.strip())]
-    if not 1 <= len(parts) <= 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ConfigError(
-            f"--input-size {text!r}: give S, H,W or C,H,W as positive integers (e.g. 3,224,224)"
-        )
-    return tuple(int(p) for p in parts)
 
 
 def export_command(
@@ -170,7 +158,7 @@ def export_command(
         if fmt is ExportFormat.onnx:
             if float16:
                 raise ConfigError("--float16 applies to --format packed only")
-            size_hint = _parse_input_size(input_size)
+            size_hint = parse_input_size(input_size)
             model = load(model_path)
             result = {
                 "input": str(model_path),
