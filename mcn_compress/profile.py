@@ -123,6 +123,8 @@ class ModelProfile:
     factored: dict[str, Any] | None = None  # MCN: `factored_profile`
     calibration_images: int | None = None  # unlabeled images calibrated on after conversion
     calibration_steps: int | None = None  # label-free distillation steps on them
+    calibration_kl: list[float] | None = None  # KL to the float model before / after them
+    calibration_top1: float | None = None  # top-1 right after calibration, when measured
     onnx: dict[str, Any] | None = None  # an ONNX file: its layout, compute, activations, threads
     layers: list[LayerProfile] | None = field(default=None, repr=False)
 
@@ -196,6 +198,8 @@ class ModelProfile:
             **{f"factored_{k}": (self.factored or {}).get(k) for k in FACTORED_KEYS},
             "calibration_images": self.calibration_images,
             "calibration_steps": self.calibration_steps,
+            "calibration_kl": self.calibration_kl,
+            "calibration_top1": self.calibration_top1,
             "onnx": self.onnx,
         }
         if self.layers is not None:
@@ -454,6 +458,11 @@ def profile_model(
     if isinstance(conversion, dict) and conversion.get("calibration_images"):
         profile.calibration_images = int(conversion["calibration_images"])
         profile.calibration_steps = int(conversion.get("calibration_steps") or 0)
+        kl, top1 = conversion.get("calibration_kl"), conversion.get("calibration_top1")
+        if isinstance(kl, list | tuple) and len(kl) == 2:
+            profile.calibration_kl = [float(kl[0]), float(kl[1])]
+        if isinstance(top1, int | float):
+            profile.calibration_top1 = float(top1)
     if per_layer:
         profile.layers = layer_profiles(model, reference)
         rows = (profile.factored or {}).get("layers", {})

@@ -342,3 +342,24 @@ def test_calibration_at_the_trained_size_and_channels(tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, [*args, "--input-size", "3,28,28", "-o", str(tmp_path / "n.pt")])
     assert bad.exit_code == 1 and "takes 1 channels" in bad.stderr
     assert not (tmp_path / "n.pt").exists()
+
+
+def test_calibrate_val_records_the_top1_after_calibration(tmp_path: Path) -> None:
+    from mcn_compress.data import build_datasets
+    from mcn_compress.training.recipe import DataRecipe
+
+    out = tmp_path / "m.pt"
+    args = ["convert", "mcn_resnet_tiny", "--no-pretrained", "--num-classes", "4"]
+    args += ["--in-chans", "1", "--calibrate-data", "synthetic", "--calibrate-images", "64"]
+    result = CliRunner().invoke(app, [*args, "--calibrate-steps", "3", "--json", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    reported = json.loads(result.stdout)["calibration_top1"]
+    model = load(out).eval()
+    _, val = build_datasets(DataRecipe(dataset="synthetic", val_samples=2000), model)
+    with torch.no_grad():
+        hits = sum(
+            int(model(val[i][0][None]).argmax(1).item() == val[i][1]) for i in range(len(val))
+        )
+    assert reported == pytest.approx(100.0 * hits / len(val))
+    bad = CliRunner().invoke(app, [*args, "--calibrate-val", "mnist", "-o", str(tmp_path / "n.pt")])
+    assert bad.exit_code == 1 and "--calibrate-val" in bad.stderr

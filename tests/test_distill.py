@@ -93,7 +93,10 @@ def test_steps_zero_is_batchnorm_only_and_checkpoint_records_it(
     summary = info_of(bn_only).summary
     assert summary is not None
     assert (summary.calibration_images, summary.calibration_steps) == (64, 0)
-    assert summary.calibration_kl is None
+    # the KL to the float model in eval mode, on the calibration images, before = after
+    assert summary.calibration_kl is not None
+    naive = _naive_kl(bn_only, float_model, torch.cat(batches), t=1.0)
+    assert summary.calibration_kl == pytest.approx((naive, naive), rel=1e-4)
     path = save(bn_only, tmp_path / "m.pt")  # type: ignore[operator]
     conversion = info_of(load(path)).metadata["conversion"]
     assert conversion["calibration_images"] == 64 and conversion["calibration_steps"] == 0

@@ -40,6 +40,41 @@ WEIGHTS_ADVICE = "pass --weights FILE (a local state dict) or --no-pretrained (r
 """What `convert` accepts instead of published weights it cannot fetch."""
 
 
+VAL_IMAGES = 2000
+"""Most validation images `--calibrate-val` evaluates (a seeded subset): enough to tell one
+calibration from another, seconds on a CPU for small inputs."""
+LABELLED = ("fashion_mnist", "synthetic", "cifar10", "cifar100", "imagefolder")
+
+
+def _labelled(source: str) -> str | None:
+    """``source`` when it names a labelled dataset (not an image folder), else None."""
+    return source if source.partition(":")[0] in LABELLED[:4] else None
+
+
+def _record_top1(model: object, source: str, input_hw: tuple[int, ...] | None) -> None:
+    """Top-1 of ``model`` on the validation split of ``source`` (`VAL_IMAGES` at most),
+    recorded as the conversion summary's ``calibration_top1``."""
+    import dataclasses
+
+    from mcn_compress.evaluate import evaluate_accuracy
+    from mcn_compress.info import update_info
+    from mcn_compress.passes.planner import default_threads
+    from mcn_compress.training.recipe import DataRecipe
+
+    name, _, root = source.partition(":")
+    recipe = DataRecipe(
+        dataset=name,  # type: ignore[arg-type]
+        root=root or None,
+        image_size=input_hw[0] if input_hw else None,
+        val_samples=VAL_IMAGES,
+        workers=min(4, default_threads()),
+    )
+    top1, _ = evaluate_accuracy(model, recipe)  # type: ignore[arg-type]
+    summary = info_of(model).summary  # type: ignore[arg-type]
+    if summary is not None:
+        update_info(model, summary=dataclasses.replace(summary, calibration_top1=top1))  # type: ignore[arg-type]
+
+
 def _check_writable(path: Path, weights: Path | None = None) -> None:
     """Refuse an --out that cannot be written (`formats.atomic.check_writable`: a directory, a
     device or FIFO, a missing folder, a name too long), or that is the --weights input, before
@@ -128,6 +163,18 @@ def convert_command(
         int,
         typer.Option(help="How many calibration images (all of DIR when it holds fewer).", min=1),
     ] = CALIBRATION_IMAGES,
+    calibrate_val: Annotated[
+        str | None,
+        typer.Option(
+            "--calibrate-val",
+            metavar="DATASET[:ROOT]",
+            show_default=False,
+            help="Labelled data to measure the top-1 right after calibration on (its validation "
+            f"split, at most {VAL_IMAGES:,} images): fashion_mnist, synthetic, cifar10:ROOT, "
+            "cifar100:ROOT or imagefolder:ROOT (ROOT/val/<class>/...). Default: the "
+            "--calibrate-data dataset when it is one of these names.",
+        ),
+    ] = None,
     calibrate_steps: Annotated[
         int | None,
         typer.Option(
@@ -204,6 +251,13 @@ def convert_command(
         size = parse_input_size(input_size)
         if size is not None and calibrate_data is None:
             raise ConfigError("--input-size sets the calibration size: it needs --calibrate-data")
+        if calibrate_val is not None and calibrate_data is None:
+            raise ConfigError("--calibrate-val measures the calibration: it needs --calibrate-data")
+        if calibrate_val is not None and calibrate_val.partition(":")[0] not in LABELLED:
+            raise ConfigError(
+                f"--calibrate-val {calibrate_val!r}: expected one of {', '.join(LABELLED)} "
+                "(NAME:ROOT for cifar and imagefolder)"
+            )
         if calibrate_data is not None:
             check_image_count(calibrate_images)
         if device not in ("auto", "cpu", "cuda"):
@@ -268,6 +322,14 @@ def convert_command(
                 calibrate(
                     mcn, float_model, calibration, steps=calibrate_steps, progress=on_calibration
                 )
+                val = calibrate_val or _labelled(calibrate_data)
+                if val is not None:
+                    with (
+                        err.status(f"Measuring top-1 on {val}", spinner="dots")
+                        if show
+                        else contextlib.nullcontext()
+                    ):
+                        _record_top1(mcn, val, shape[1:] if size is not None else None)
         save(mcn, out_path)
         summary = info_of(mcn).summary
         assert summary is not None

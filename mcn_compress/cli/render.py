@@ -67,5 +67,8 @@ def calibration_text(conversion: dict[str, object]) -> str:
     text = f"{images:,} images, " + (f"{steps:,} distillation steps" if steps else "BatchNorm only")
     kl = conversion.get("calibration_kl")
     if isinstance(kl, list | tuple) and len(kl) == 2:
-        text += f" (KL {kl[0]:.3f} -> {kl[1]:.3f})"
+        text += f", KL to float {kl[0]:.3f} -> {kl[1]:.3f}"
+    top1 = conversion.get("calibration_top1")
+    if isinstance(top1, int | float):
+        text += f", top-1 {top1:.2f}%"
     return text

@@ -37,6 +37,7 @@ from mcn_compress.cli._common import (
     out,
     print_json,
 )
+from mcn_compress.cli.render import calibration_text
 from mcn_compress.errors import ConfigError
 from mcn_compress.training.recipe import DatasetName
 
@@ -100,8 +101,15 @@ ONNX_ROWS: list[tuple[str, Callable[[ModelProfile], str]]] = [
     ("ONNX activations / threads", lambda p: _onnx_pair(p.onnx, "activations", "threads")),
 ]
 CALIBRATION_ROW: tuple[str, Callable[[ModelProfile], str]] = (
-    "calibration (images / distill steps)",
-    lambda p: f"{p.calibration_images or 0:,} / {p.calibration_steps or 0}",
+    "calibration",
+    lambda p: calibration_text(
+        {
+            "calibration_images": p.calibration_images,
+            "calibration_steps": p.calibration_steps,
+            "calibration_kl": p.calibration_kl,
+            "calibration_top1": p.calibration_top1,
+        }
+    ),
 )
 LATENCY_ROW: tuple[str, Callable[[ModelProfile], str]] = (
     "latency ms/image",

@@ -4,7 +4,8 @@ section 2.10), on unlabeled images only.
 Two steps on the same batches: BatchNorm recalibration (`passes.calibrate`, no weight changes),
 then ``steps`` of label-free distillation from the float original (`passes.distill`). The model
 changes in place; what was done is returned and recorded in its `ConversionSummary`
-(``info_of(model).summary``), which checkpoints store and ``report`` shows.
+(``info_of(model).summary``), which checkpoints store and ``report`` shows, with the KL to the
+float model in eval mode before and after the distillation (`probe_kl`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 from mcn_compress.errors import ConfigError
 from mcn_compress.info import info_of, update_info
-from mcn_compress.passes.calibrate import recalibrate_batchnorm
-from mcn_compress.passes.distill import distill_from_float
+from mcn_compress.passes.calibrate import batch_input, recalibrate_batchnorm
+from mcn_compress.passes.distill import distill_from_float, kl_to_teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +35,43 @@ class CalibrationStep:
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationResult:
-    """What `calibrate` did: ``images`` distinct images, ``steps`` distillation steps and the
-    KL to the float model at the first and the last step (None without distillation)."""
+    """What `calibrate` did: ``images`` distinct images, ``steps`` distillation steps and
+    ``kl``, the KL to the float model (`probe_kl`) right after the BatchNorm recalibration and
+    at the end."""
 
     images: int
     steps: int
     kl: tuple[float, float] | None = None
+
+
+PROBE_IMAGES = 256
+"""Images `probe_kl` measures on: the first calibration batches, enough to compare models."""
+
+
+@torch.no_grad()
+def probe_kl(
+    model: nn.Module, float_model: nn.Module, batches: Iterable[object], images: int = PROBE_IMAGES
+) -> float:
+    """``KL(softmax(float) || softmax(mcn))`` in eval mode (temperature 1, mean over images) on
+    the first ``images`` images of ``batches``; the models' train/eval flags are restored."""
+    flags = {m: m.training for m in [*model.modules(), *float_model.modules()]}
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    model.eval()
+    float_model.eval()
+    total, seen = 0.0, 0
+    try:
+        for batch in batches:
+            x = batch_input(batch)[: images - seen].to(device)
+            kl = kl_to_teacher(model(x), float_model(x), temperature=1.0)
+            total += float(kl) * x.shape[0]
+            seen += x.shape[0]
+            if seen >= images:
+                break
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)
+    return total / max(seen, 1)
 
 
 def calibrate(
@@ -83,10 +116,10 @@ def calibrate(
         images = recalibrate_batchnorm(model, data, progress=on_images)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    kl: tuple[float, float] | None = None
+    before = probe_kl(model, float_model, data)
     if steps:
-        distilled = distill_from_float(model, float_model, data, steps, progress=on_step)
-        kl = (distilled.kl_start, distilled.kl_end)
+        distill_from_float(model, float_model, data, steps, progress=on_step)
+    kl = (before, probe_kl(model, float_model, data) if steps else before)
     result = CalibrationResult(images, steps, kl)
     summary = info_of(model).summary
     if summary is not None:

@@ -46,7 +46,9 @@ class ConversionSummary:
     ``calibration_images`` / ``calibration_steps``: the unlabeled images BatchNorm was
     recalibrated on and the label-free distillation steps on them (docs/design.md section
     2.10; 0 and 0 when `convert` had no calibration data). ``calibration_kl`` is the KL to
-    the float model at the first and the last distillation step (None without distillation).
+    the float model in eval mode (`passes.calibration.probe_kl`) after the BatchNorm
+    recalibration and after the distillation; ``calibration_top1`` the top-1 (percent) on a
+    labelled validation split right after calibration, when one was given.
     """
 
     planes: int
@@ -59,6 +61,7 @@ class ConversionSummary:
     calibration_images: int = 0
     calibration_steps: int = 0
     calibration_kl: tuple[float, float] | None = None
+    calibration_top1: float | None = None
 
     @property
     def converted(self) -> list[LayerRecord]:
@@ -109,6 +112,7 @@ class ConversionSummary:
             "calibration_images": self.calibration_images,
             "calibration_steps": self.calibration_steps,
             "calibration_kl": None if self.calibration_kl is None else list(self.calibration_kl),
+            "calibration_top1": self.calibration_top1,
             "layers": [
                 {**asdict(layer), "kernel_size": list(layer.kernel_size)} for layer in self.layers
             ],
