@@ -28,4 +28,6 @@ def default_steps(input_hw: tuple[int, int]) -> int:
 WEIGHT_LAYOUTS = ("packed", "folded")
 """How ONNX stores the converted convs' weights (docs/design.md section 4.4)."""
 FLOAT_LAYER_MODES = ("float32", "float16", "int8")
+ACTIVATIONS = ("float32", "int8")  # ONNX activations (docs/design.md section 4.10)
+DEFAULT_INT8_IMAGES = 256  # calibration images for int8 activation ranges (MinMax)
 """How the weights of the layers that stay float are stored (docs/design.md section 4.9)."""

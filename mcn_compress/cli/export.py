@@ -18,7 +18,12 @@ from mcn_compress.cli._common import (
     parse_input_size,
     print_json,
 )
-from mcn_compress.defaults import FLOAT_LAYER_MODES, WEIGHT_LAYOUTS
+from mcn_compress.defaults import (
+    ACTIVATIONS,
+    DEFAULT_INT8_IMAGES,
+    FLOAT_LAYER_MODES,
+    WEIGHT_LAYOUTS,
+)
 from mcn_compress.errors import ConfigError
 from mcn_compress.formats.atomic import check_not_input, check_writable
 from mcn_compress.passes.planner import Compute
@@ -40,6 +45,11 @@ OnnxCompute = Enum(  # type: ignore[misc]
     "OnnxCompute", {c.value: c.value for c in Compute if c is not Compute.TIME}, type=str
 )
 """How ONNX computes the converted convs (`passes.planner.Compute` but ``time``; design.md 4.8)."""
+
+Activations = Enum(  # type: ignore[misc]
+    "Activations", {name: name for name in ACTIVATIONS}, type=str
+)
+"""ONNX activations: float32, or int8 (a QDQ graph; docs/design.md section 4.10)."""
 
 FloatLayers = Enum(  # type: ignore[misc]
     "FloatLayers", {name: name for name in FLOAT_LAYER_MODES}, type=str
@@ -118,6 +128,33 @@ def export_command(
             "auto picks each layer's form for that count (default: this machine's cores).",
         ),
     ] = None,
+    activations: Annotated[
+        Activations,
+        typer.Option(
+            "--activations",
+            help="ONNX only: float32, or int8 = a QDQ graph with uint8 activations that "
+            "onnxruntime and OpenVINO run with int8 kernels (needs --calibrate-data; every "
+            "layer int8, the sign bits still packed).",
+        ),
+    ] = Activations.float32,
+    calibrate_data: Annotated[
+        str | None,
+        typer.Option(
+            "--calibrate-data",
+            metavar="DIR|DATASET",
+            help="With --activations int8: unlabeled images for the activation ranges, a "
+            "folder of images or fashion_mnist, cifar10:ROOT, cifar100:ROOT, synthetic.",
+        ),
+    ] = None,
+    calibrate_images: Annotated[
+        int | None,
+        typer.Option(
+            "--calibrate-images",
+            metavar="N",
+            show_default=False,
+            help=f"With --activations int8: images for the ranges (default {DEFAULT_INT8_IMAGES}).",
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -135,6 +172,10 @@ def export_command(
     per output channel (scale = max|W| / 127), about 4x fewer bytes for them; their outputs move
     by well under 1% (docs/design.md section 4.9). Activations stay float32.
 
+    --activations int8 makes a W1A8 file: int8 activations with ranges from --calibrate-data,
+    every layer int8, the converted convs' int8 weights rebuilt from their sign bits and each
+    in the int8 form that is fastest for --threads (docs/design.md section 4.10).
+
     Examples:
 
     \b
@@ -147,6 +188,8 @@ def export_command(
       mcn-compress export model.pt -f onnx --compute dense -o dense.onnx
       mcn-compress export model.pt -f onnx --threads 4 -o model-4threads.onnx
       mcn-compress export model.pt -f onnx --float-layers int8 -o model-int8.onnx
+      mcn-compress export model.pt -f onnx --activations int8 \\
+          --calibrate-data imgs -o model-w1a8.onnx
     """
     from mcn_compress.formats.load import load
     from mcn_compress.formats.packed import export_packed
@@ -159,7 +202,11 @@ def export_command(
             if float16:
                 raise ConfigError("--float16 applies to --format packed only")
             size_hint = parse_input_size(input_size)
+            int8 = _int8_options(
+                activations, calibrate_data, calibrate_images, weights, float_layers.value
+            )
             model = load(model_path)
+            calibration = _calibration(model, calibrate_data, calibrate_images, size_hint)
             result = {
                 "input": str(model_path),
                 **_export_onnx(
@@ -172,6 +219,7 @@ def export_command(
                     compute,
                     float_layers.value,
                     threads,
+                    calibration=calibration if int8 else None,
                 ),
             }
         else:
@@ -184,6 +232,9 @@ def export_command(
                     ("--dynamic-batch", dynamic_batch),
                     ("--compute", compute is not None),
                     ("--threads", threads is not None),
+                    ("--activations", activations is not Activations.float32),
+                    ("--calibrate-data", calibrate_data is not None),
+                    ("--calibrate-images", calibrate_images is not None),
                 )
                 if given
             ]
@@ -220,7 +271,7 @@ def export_command(
             f"wrote {out_path}: {result['bytes']:,} bytes, {result['weights']} weights "
             f"({result['packed_layers']} layers as sign bits, {result['factored_layers']} run "
             f"factored{_for_threads(result)}, {result['folded_batchnorms']} BatchNorms folded), "
-            f"float layers {result['float_layers']}, opset {result['opset']}"
+            f"{_activations(result)}, opset {result['opset']}"
             f"{' (TorchScript exporter)' if result['exporter'] == 'torchscript' else ''}, input "
             f"{'x'.join(str(d) for d in result['input_shape'])}"
             f"{' (dynamic batch)' if result['dynamic_batch'] else ''}; {model_path} was "
@@ -240,6 +291,63 @@ def export_command(
         )
 
 
+def _int8_options(
+    activations: Activations,
+    calibrate_data: str | None,
+    calibrate_images: int | None,
+    weights: OnnxWeights | None,
+    float_layers: str,
+) -> bool:
+    """Whether int8 activations are asked for; a one-line `ConfigError` for options that do
+    not go together."""
+    from mcn_compress.calibration_data import check_image_count
+
+    int8 = activations is Activations.int8
+    if not int8 and (calibrate_data is not None or calibrate_images is not None):
+        raise ConfigError("--calibrate-data and --calibrate-images need --activations int8")
+    if int8 and calibrate_data is None:
+        raise ConfigError(
+            "--activations int8 needs --calibrate-data DIR|DATASET: unlabeled images for the "
+            "activation ranges (a folder of images, fashion_mnist, synthetic, ...)"
+        )
+    if int8 and weights is not None and weights.value != "packed":
+        raise ConfigError("--activations int8 keeps the sign bits: drop --weights folded")
+    if int8 and float_layers != "float32":
+        raise ConfigError("--activations int8 makes every layer int8: drop --float-layers")
+    check_image_count(calibrate_images)
+    return int8
+
+
+def _calibration(
+    model: object,
+    source: str | None,
+    images: int | None,
+    size: tuple[int, ...] | None,
+) -> object | None:
+    """Batches of calibration images at the export's input size (None without a source)."""
+    if source is None:
+        return None
+    from mcn_compress.calibration_data import calibration_data
+    from mcn_compress.module_utils import resolve_input_shape
+
+    shape = resolve_input_shape(model, size)  # type: ignore[arg-type]
+    return calibration_data(
+        source,
+        model,  # type: ignore[arg-type]
+        DEFAULT_INT8_IMAGES if images is None else images,
+        batch_size=32,
+        input_hw=(shape[1], shape[2]),
+    )
+
+
+def _activations(result: dict[str, object]) -> str:
+    if result.get("activations") == "int8":
+        return (
+            f"int8 activations and layers (ranges from {result['calibration_images']} images)"
+        )
+    return f"float layers {result['float_layers']}"
+
+
 def _for_threads(result: dict[str, object]) -> str:
     threads = result.get("threads")
     return f" for {threads} thread{'s' if threads != 1 else ''}" if threads else ""
@@ -255,6 +363,7 @@ def _export_onnx(
     compute: OnnxCompute | None = None,
     float_layers: str = "float32",
     threads: int | None = None,
+    calibration: object | None = None,
 ) -> dict[str, object]:
     """Call the library's ONNX exporter; returns the JSON-ready result."""
     from mcn_compress.formats.onnx import export_onnx
@@ -272,5 +381,8 @@ def _export_onnx(
         dynamic_batch=dynamic_batch,
         float_layers=float_layers,
         threads=threads,
+        activations="int8" if calibration is not None else "float32",
+        calibration=calibration,  # type: ignore[arg-type]
+        calibration_images=DEFAULT_INT8_IMAGES,
     )
     return {**result.to_dict(), "format": ExportFormat.onnx.value}

@@ -39,15 +39,13 @@ Numbers and files only: nothing here prints.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -61,7 +59,8 @@ from mcn_compress.formats.onnx_int8 import (
     float_layer_weights,
     store_float_layers,
 )
-from mcn_compress.formats.onnx_packing import PackedLayer, inline_initializer_aliases, pack_graph
+from mcn_compress.formats.onnx_packing import inline_initializer_aliases, pack_graph
+from mcn_compress.formats.onnx_prepare import prepare_for_onnx
 from mcn_compress.formats.onnx_runtime import SOURCE_KEY
 from mcn_compress.formats.onnx_torch import (
     DEFAULT_OPSET,
@@ -70,9 +69,9 @@ from mcn_compress.formats.onnx_torch import (
     MIN_OPSET,
     torch_export,
 )
-from mcn_compress.formats.packed import pack_signs
+from mcn_compress.formats.onnx_w1a8 import ACTIVATIONS, DEFAULT_CALIBRATION_IMAGES, w1a8_model
 from mcn_compress.info import info_of
-from mcn_compress.module_utils import input_sizes, resolve_input_shape, set_submodule
+from mcn_compress.module_utils import input_sizes, resolve_input_shape
 from mcn_compress.nn.mcconv import MCConv2d
 from mcn_compress.passes.fold_bn import fold_batchnorms
 from mcn_compress.passes.planner import (
@@ -110,6 +109,9 @@ class OnnxExportResult:
     float_layers: str = "float32"  # how float layer weights are stored (design.md 4.9)
     float_layer_weights: int = 0  # initializers stored as float16 or int8
     plan: InferencePlan | None = None  # the factored-compute plan (compute other than dense)
+    activations: str = "float32"  # "int8": a QDQ graph (docs/design.md section 4.10)
+    calibration_images: int = 0  # images the int8 activation ranges came from
+    bit_layers: tuple[str, ...] = ()  # int8: layers whose int8 weights are rebuilt from bits
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,14 +130,9 @@ class OnnxExportResult:
             "float_layers": self.float_layers,
             "float_layer_weights": self.float_layer_weights,
             "threads": self.plan.threads if self.plan is not None else None,
+            "activations": self.activations,
+            "calibration_images": self.calibration_images,
         }
-
-
-@dataclasses.dataclass
-class _Prepared:
-    model: nn.Module
-    layers: list[PackedLayer]
-    folded_batchnorms: dict[str, str] = dataclasses.field(default_factory=dict)  # conv -> bn
 
 
 # --- options --------------------------------------------------------------------------------
@@ -159,39 +156,6 @@ def _check_options(
         )
 
 
-# --- PyTorch side: fold MCConv2d and BatchNorm ----------------------------------------------
-
-
-def _prepare(model: nn.Module, weights: str) -> _Prepared:
-    """A float32 eval copy with MCConv2d -> Conv2d (weight Q) and BatchNorm folded."""
-    work = copy.deepcopy(model).cpu().float().eval()
-    converted: dict[str, MCConv2d] = {
-        name: m for name, m in work.named_modules() if isinstance(m, MCConv2d)
-    }
-    layers: dict[str, PackedLayer] = {}
-    with torch.no_grad():
-        for name, mod in converted.items():
-            if weights == "packed":
-                layers[name] = PackedLayer(
-                    name=name,
-                    signs=pack_signs(mod.weight).numpy(),
-                    latent_shape=tuple(mod.weight.shape),
-                    mfilter=mod.mfilter.detach().cpu().numpy().copy(),
-                    weight=np.empty(0, np.float32),
-                )
-            set_submodule(work, name, mod.to_conv2d())
-    folds = fold_batchnorms(work)
-    modules = dict(work.named_modules())
-    for name, layer in layers.items():
-        conv = modules[name]
-        assert isinstance(conv, nn.Conv2d)
-        layer.weight = conv.weight.detach().cpu().numpy().copy()
-        if name in folds:
-            layer.folded_batchnorm, scale = folds[name]
-            layer.scale = scale.cpu().numpy().astype(np.float32)
-    return _Prepared(work, list(layers.values()), {c: bn for c, (bn, _) in folds.items()})
-
-
 # --- torch.onnx.export ----------------------------------------------------------------------
 
 
@@ -212,6 +176,9 @@ def onnx_model(
     threads: int | None = None,
     tunables: Tunables = DEFAULT_TUNABLES,
     forms: Mapping[str, Form | str] | None = None,
+    activations: str = "float32",
+    calibration: Iterable[object] | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> tuple[Any, OnnxExportResult]:
     """The checked ``onnx.ModelProto`` of ``model`` and a description (path and bytes unset).
 
@@ -219,15 +186,62 @@ def onnx_model(
     writes it to a file. ``tunables``: the planner's thresholds
     (`mcn_compress.passes.planner.Tunables`); ``forms``: converted layer name -> the form it
     must run in (``dense``, ``scale``, ``cols``, ``grid``), instead of the planner's choice.
+    ``activations="int8"``: the QDQ graph of `mcn_compress.formats.onnx_w1a8`, its activation
+    ranges from at most ``calibration_images`` images of ``calibration``.
     """
-    import onnx
 
     compute = enum_value(Compute, compute, "compute")
     threads = default_threads() if threads is None else threads
     _check_options(weights, opset, compute.value, exporter, threads)
     check_onnx_float_layers(float_layers, opset)
     shape = resolve_input_shape(model, input_size)
-    prepared = _prepare(model, weights)
+    form_overrides = {k: enum_value(Form, v, "form") for k, v in (forms or {}).items()}
+    if activations not in ACTIVATIONS:
+        raise ConfigError(
+            f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}"
+        )
+    if activations == "int8":
+        if weights != "packed" or float_layers != "float32":
+            raise ConfigError(
+                "int8 activations store the sign bits and quantize every layer themselves: "
+                "leave weights packed and float_layers float32"
+            )
+        if calibration is None:
+            raise ConfigError("int8 activations need calibration images (calibration=...)")
+        proto, graph, ready = w1a8_model(
+            model,
+            calibration,
+            shape,
+            opset=opset,
+            dynamic_batch=dynamic_batch,
+            exporter=exporter,
+            threads=threads,
+            compute=compute,
+            tunables=tunables,
+            forms=form_overrides,
+            max_images=calibration_images,
+        )
+        result = OnnxExportResult(
+            path=Path(),
+            weights=weights,
+            opset=opset,
+            input_shape=(1, *shape),
+            dynamic_batch=dynamic_batch,
+            bytes=0,
+            packed_layers=graph.bit_layers,
+            folded_batchnorms=tuple(ready.prepared.folded_batchnorms.values()),
+            sign_bytes=sum(layer.signs.size for layer in ready.prepared.layers),
+            compute=compute.value,
+            factored_layers=graph.plan.factored,
+            exporter=ready.exporter,
+            float_layers="int8",
+            plan=graph.plan,
+            activations="int8",
+            calibration_images=graph.calibration_images,
+            bit_layers=graph.bit_layers,
+        )
+        return _finish(proto, model, result, threads)
+    prepared = prepare_for_onnx(model, weights)
     if weights == "packed" and not prepared.layers:
         _logger.warning("the model has no MCConv2d layers: nothing to pack, all weights float")
     example = torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))
@@ -249,24 +263,52 @@ def onnx_model(
                 tunables=tunables,
                 input_hw=sizes,
                 input_shape=shape,
-                forms={k: enum_value(Form, v, "form") for k, v in (forms or {}).items()},
+                forms=form_overrides,
             )
             factored = plan.factored
         packed = pack_graph(proto, dense_layers, opset) + list(factored)
     stored = store_float_layers(
         proto, float_layers, float_layer_weights(prepared.model, model), opset
     )
+    result = OnnxExportResult(
+        path=Path(),
+        weights=weights,
+        opset=opset,
+        input_shape=(1, *shape),
+        dynamic_batch=dynamic_batch,
+        bytes=0,
+        packed_layers=tuple(packed),
+        folded_batchnorms=tuple(prepared.folded_batchnorms.values()),
+        sign_bytes=sum(layer.signs.size for layer in prepared.layers),
+        compute=compute.value,
+        factored_layers=factored,
+        exporter=used,
+        float_layers=float_layers,
+        float_layer_weights=len(stored),
+        plan=plan,
+    )
+    return _finish(proto, model, result, threads)
+
+
+def _finish(
+    proto: Any, model: nn.Module, result: OnnxExportResult, threads: int
+) -> tuple[Any, OnnxExportResult]:
+    """``proto`` with its metadata, checked (standard domains, protobuf's size limit,
+    ``onnx.checker``), and ``result`` with its size."""
+    import onnx
+
     foreign = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         raise ExportError(f"the exported graph uses non-standard ONNX domains: {foreign}")
     source = info_of(model).source
     for key, value in (
-        ("mcn_compress.weights", weights),
+        ("mcn_compress.weights", result.weights),
         ("mcn_compress.planes", _planes(model)),
-        ("mcn_compress.compute", compute.value),
+        ("mcn_compress.compute", result.compute),
         ("mcn_compress.threads", str(threads)),
-        ("mcn_compress.exporter", used),
-        (METADATA_KEY, float_layers),
+        ("mcn_compress.exporter", result.exporter),
+        (METADATA_KEY, result.float_layers),
+        ("mcn_compress.activations", result.activations),
         (SOURCE_KEY, json.dumps(source.to_dict()) if source is not None else ""),
     ):
         if value:
@@ -282,24 +324,7 @@ def onnx_model(
     except Exception as exc:
         first = first_line(exc)
         raise ExportError(f"the exported ONNX model fails onnx.checker: {first}") from exc
-    result = OnnxExportResult(
-        path=Path(),
-        weights=weights,
-        opset=opset,
-        input_shape=(1, *shape),
-        dynamic_batch=dynamic_batch,
-        bytes=size,
-        packed_layers=tuple(packed),
-        folded_batchnorms=tuple(prepared.folded_batchnorms.values()),
-        sign_bytes=sum(layer.signs.size for layer in prepared.layers),
-        compute=compute.value,
-        factored_layers=factored,
-        exporter=used,
-        float_layers=float_layers,
-        float_layer_weights=len(stored),
-        plan=plan,
-    )
-    return proto, result
+    return proto, dataclasses.replace(result, bytes=size)
 
 
 def _planes(model: nn.Module) -> str:
@@ -319,6 +344,10 @@ def export_onnx(
     exporter: str = "auto",
     float_layers: str = "float32",
     threads: int | None = None,
+    activations: str = "float32",
+    calibration: Iterable[object] | None = None,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    forms: Mapping[str, Form | str] | None = None,
 ) -> OnnxExportResult:
     """Write ``model`` as an ONNX file that onnxruntime runs without custom operators.
 
@@ -345,6 +374,18 @@ def export_onnx(
         threads: the onnxruntime intra-op threads the file will run with, for the choice of
             forms with ``compute="auto"`` (default: this machine's cores). The plan is in the
             result's ``plan`` and the file's metadata ``mcn_compress.threads``.
+        activations: ``"float32"`` (default) or ``"int8"``: a QDQ graph with uint8
+            activations and int8 weights that onnxruntime and OpenVINO run with their int8
+            kernels, the converted layers' int8 weights still rebuilt from their sign bits
+            and each converted conv in the int8 form the planner picks for ``threads``
+            (docs/design.md section 4.10, `mcn_compress.formats.onnx_w1a8`). Needs
+            ``calibration`` and ``weights="packed"``; every float layer becomes int8 too.
+        calibration: unlabeled images for the int8 activation ranges: an iterable of
+            batches (tensors or ``(images, ...)`` pairs, e.g.
+            `mcn_compress.calibration_data.calibration_data`) at the export's input size.
+        calibration_images: at most this many images of ``calibration`` are used.
+        forms: converted layer name -> the form it must run in, instead of the planner's
+            choice (`mcn_compress.passes.planner.Form`; int8: ``dense``, ``scale``, ``grid``).
 
     Raises:
         ConfigError: an option is out of range.
@@ -363,6 +404,10 @@ def export_onnx(
         exporter=exporter,
         float_layers=float_layers,
         threads=threads,
+        activations=activations,
+        calibration=calibration,
+        calibration_images=calibration_images,
+        forms=forms,
     )
     payload = proto.SerializeToString()
     atomic_write(path, lambda tmp: tmp.write_bytes(payload))

@@ -50,6 +50,7 @@ class Backend(str, Enum):
 
     TORCH = "torch"  # PyTorch eager (`optimize_for_inference`)
     ONNXRUNTIME = "onnxruntime"  # the factored ONNX graph (`export_onnx`)
+    ONNXRUNTIME_INT8 = "onnxruntime-int8"  # the QDQ graph, int8 activations (section 4.10)
 
 
 def enum_value(kind: type[Enum], value: object, what: str) -> Any:
@@ -209,9 +210,20 @@ class Tunables:
     copy_cost: int = 32
     onnx_min_saved_macs: int = 8_000_000
     onnx_conv_max_pixels: int = 1024
+    int8_scale_min_cin: int = 64
+    int8_grid_min_cin: int = 128
 
     def min_saved_macs(self, threads: int) -> int:
         return self.onnx_min_saved_macs * max(threads, 1)
+
+    def int8_min_cin(self, form: Form, threads: int) -> int:
+        """The input channels a layer needs for its int8 ``form`` (``scale`` or ``grid``) to
+        beat the dense int8 conv at ``threads`` (docs/design.md section 4.10): the copies a
+        factored int8 form adds cost about ``out`` bytes per pixel (``scale``) or ``P * H``
+        (``grid``) and run on one thread, the MACs it saves grow with ``cin`` and spread over
+        the threads, so the bar grows with the threads."""
+        base = self.int8_scale_min_cin if form is Form.SCALE else self.int8_grid_min_cin
+        return base * max(threads, 1)
 
 
 DEFAULT_TUNABLES = Tunables()
@@ -245,6 +257,26 @@ def rule_form(geo: Geometry, tunables: Tunables = DEFAULT_TUNABLES) -> Form:
     return Form.GRID if grid_extra < cols_extra else Form.COLS
 
 
+def int8_candidate(geo: Geometry) -> Form:
+    """The one factored int8 form ``geo`` allows (docs/design.md section 4.10): ``scale`` when
+    M is constant over the kernel, ``grid`` for a full M at stride 1, else ``dense`` (strided
+    or grouped full-M convs, K = 1)."""
+    if geo.groups != 1 or geo.planes == 1:
+        return Form.DENSE
+    if not geo.full_m:
+        return Form.SCALE
+    return Form.GRID if geo.stride == (1, 1) else Form.DENSE
+
+
+def int8_rule(geo: Geometry, threads: int = 1, tunables: Tunables = DEFAULT_TUNABLES) -> Form:
+    """The int8 rule: `int8_candidate` when the layer has at least
+    ``tunables.int8_min_cin(form, threads)`` input channels, else ``dense``."""
+    form = int8_candidate(geo)
+    if form is not Form.DENSE and geo.in_channels < tunables.int8_min_cin(form, threads):
+        return Form.DENSE
+    return form
+
+
 def choose_form(
     geo: Geometry,
     backend: Backend = Backend.TORCH,
@@ -252,7 +284,10 @@ def choose_form(
     tunables: Tunables = DEFAULT_TUNABLES,
 ) -> Form:
     """The form `Compute.AUTO` picks: `rule_form`; for onnxruntime, ``dense`` unless the
-    factored form saves at least ``tunables.min_saved_macs(threads)`` conv MACs per image."""
+    factored form saves at least ``tunables.min_saved_macs(threads)`` conv MACs per image;
+    for onnxruntime with int8 activations, `int8_rule`."""
+    if backend is Backend.ONNXRUNTIME_INT8:
+        return int8_rule(geo, threads, tunables)
     form = rule_form(geo, tunables)
     if backend is Backend.ONNXRUNTIME and form is not Form.DENSE:
         if geo.macs(Form.DENSE) - geo.macs(form) < tunables.min_saved_macs(threads):
@@ -374,6 +409,8 @@ def plan_layer(
     itself; `passes.factored` times the candidates and builds the plan from the winner)."""
     if compute is Compute.DENSE:
         form = Form.DENSE
+    elif compute is Compute.FACTORED and backend is Backend.ONNXRUNTIME_INT8:
+        form = int8_candidate(geo)
     elif compute is Compute.FACTORED:
         form = forced_factored(geo, tunables)
     elif compute is Compute.AUTO:
@@ -398,6 +435,8 @@ __all__ = [
     "default_threads",
     "enum_value",
     "forced_factored",
+    "int8_candidate",
+    "int8_rule",
     "layer_geometry",
     "plan_layer",
     "resolve_pads",
