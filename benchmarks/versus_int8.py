@@ -12,7 +12,8 @@ on their values), at 224x224, four ONNX files with a symbolic batch:
 
 Each file runs in its own Python process with T intra-op threads (one onnxruntime session
 per process: sessions in one process share the cores with each other's spinning thread
-pools), the processes alternating file by file for ``--repeats`` rounds; a process times
+pools), the processes alternating file by file for ``--repeats`` rounds (in a new order each
+round); a process times
 ``--runs`` runs after 5 warm-up runs and prints their median; the table gives the median
 over rounds, its ratio to int8 PTQ, and the file's bytes. Run it on an otherwise idle
 machine: a busy second core makes 2-thread numbers meaningless.
@@ -138,8 +139,9 @@ def latency_table(args: argparse.Namespace) -> None:
                 files = _files(name, Path(tmp), threads, images, args.size)
                 for batch in (int(b) for b in args.batches.split(",")):
                     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
-                    for _ in range(args.repeats):
-                        for kind in KINDS:
+                    for round_ in range(args.repeats):  # a new order each round
+                        for index in range(len(KINDS)):
+                            kind = KINDS[(index + round_) % len(KINDS)]
                             times[kind].append(_time(files[kind], threads, args.runs, batch))
                     ms = {kind: statistics.median(times[kind]) for kind in KINDS}
                     ptq = ms["int8 PTQ"]
