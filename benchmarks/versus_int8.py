@@ -13,9 +13,8 @@ on their values), at 224x224, four ONNX files with a symbolic batch:
 Each file runs in its own Python process with T intra-op threads (one onnxruntime session
 per process: sessions in one process share the cores with each other's spinning thread
 pools), the processes alternating file by file for ``--repeats`` rounds (in a new order each
-round); a process times
-``--runs`` runs after 5 warm-up runs and prints their median; the table gives the median
-over rounds, its ratio to int8 PTQ, and the file's bytes. Run it on an otherwise idle
+round); a process times ``--runs`` runs after 5 warm-up runs and prints their median; the
+table gives the median over rounds, its ratio to int8 PTQ, and the file's bytes. Run it on an otherwise idle
 machine: a busy second core makes 2-thread numbers meaningless.
 
 Table 2, accuracy (``--quickstart DIR``, the folder `mcn-compress quickstart` wrote): top-1 on
