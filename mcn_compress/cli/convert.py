@@ -23,9 +23,14 @@ from mcn_compress.cli._common import (
 )
 from mcn_compress.cli.render import layer_table, summary_table
 from mcn_compress.defaults import (
+    AMP_MODES,
+    CALIBRATION_BATCH,
     CALIBRATION_IMAGES,
+    CALIBRATION_LR,
     CALIBRATION_STEPS,
+    CALIBRATION_TEMPERATURE,
     DISTILL_COST,
+    LARGE_INPUT_BATCH,
     LARGE_INPUT_STEPS,
     default_steps,
 )
@@ -178,14 +183,30 @@ def convert_command(
     calibrate_steps: Annotated[
         int | None,
         typer.Option(
-            help="Label-free distillation steps from the float model (KL at T=4, AdamW 4e-3) "
-            f"after the BatchNorm recalibration; 0 = BatchNorm only (default: {CALIBRATION_STEPS} "
-            f"for inputs up to 64x64, else {LARGE_INPUT_STEPS}). The default takes about "
-            f"{DISTILL_COST}.",
+            help="Label-free distillation steps from the float model (KL at "
+            f"T={CALIBRATION_TEMPERATURE:g}, AdamW {CALIBRATION_LR:g}) after the BatchNorm "
+            f"recalibration; 0 = BatchNorm only (default: {CALIBRATION_STEPS} for inputs up to "
+            f"64x64, else {LARGE_INPUT_STEPS}). The default takes about {DISTILL_COST}.",
             min=0,
             show_default=False,
         ),
     ] = None,
+    calibrate_lr: Annotated[
+        float,
+        typer.Option(help="AdamW learning rate of the distillation (M-Filters: a tenth).", min=0),
+    ] = CALIBRATION_LR,
+    calibrate_temperature: Annotated[
+        float,
+        typer.Option(help="Softmax temperature T of the distillation's KL.", min=0),
+    ] = CALIBRATION_TEMPERATURE,
+    calibrate_amp: Annotated[
+        str,
+        typer.Option(
+            metavar="|".join(AMP_MODES),
+            help="Autocast of the distillation's forward passes: auto = bfloat16 where the "
+            "CPU (AVX512-BF16/AMX) or GPU computes it natively; parameters stay float32.",
+        ),
+    ] = "auto",
     input_size: Annotated[
         str | None,
         typer.Option(
@@ -200,7 +221,8 @@ def convert_command(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Calibration batch size (default: 128 for inputs up to 64x64, else 16).",
+            help=f"Calibration batch size (default: {CALIBRATION_BATCH} for inputs up to "
+            f"64x64, else {LARGE_INPUT_BATCH}).",
             min=1,
             show_default=False,
         ),
@@ -260,6 +282,12 @@ def convert_command(
             )
         if calibrate_data is not None:
             check_image_count(calibrate_images)
+        if calibrate_amp not in AMP_MODES:
+            raise ConfigError(
+                f"--calibrate-amp {calibrate_amp}: expected one of {', '.join(AMP_MODES)}"
+            )
+        if not (calibrate_lr > 0 and calibrate_temperature > 0):
+            raise ConfigError("--calibrate-lr and --calibrate-temperature must be > 0")
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
         with err.status(f"Loading {model}", spinner="dots") if show else contextlib.nullcontext():
@@ -320,7 +348,14 @@ def convert_command(
                         bar.update(dist, completed=event.done, item=kl, visible=True)
 
                 calibrate(
-                    mcn, float_model, calibration, steps=calibrate_steps, progress=on_calibration
+                    mcn,
+                    float_model,
+                    calibration,
+                    steps=calibrate_steps,
+                    progress=on_calibration,
+                    lr=calibrate_lr,
+                    temperature=calibrate_temperature,
+                    amp=calibrate_amp,
                 )
                 val = calibrate_val or _labelled(calibrate_data)
                 if val is not None:
