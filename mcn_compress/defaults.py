@@ -16,8 +16,12 @@ LARGE_INPUT_BATCH = 16
 CALIBRATION_STEPS = 1000
 """Default label-free distillation steps for inputs up to 64x64 (docs/design.md 2.10)."""
 LARGE_INPUT_STEPS = 60
-"""Default steps for larger inputs, sized so timm resnet18 at 224x224 calibrates within 3
-minutes on 2 CPU cores (docs/benchmarks.md "Calibration")."""
+"""Default steps for larger inputs: timm resnet18 at 224x224 takes about 200 s for the whole
+`convert` on 2 CPU cores, most of it outside the steps (docs/benchmarks.md "Calibration")."""
+LARGE_INPUT_BN_IMAGES = 512
+"""Images each BatchNorm recalibration reads above 64x64 (up to 64x64: all of them): the
+statistics settle within a few hundred, and at 224x224 a pass over 2,048 takes a minute on 2
+CPU cores."""
 CALIBRATION_LR = 8e-3
 """AdamW learning rate of the distillation (M-Filters: a tenth of it)."""
 CALIBRATION_TEMPERATURE = 4.0
@@ -36,6 +40,12 @@ def default_steps(input_hw: tuple[int, int]) -> int:
     """The CLI's distillation steps for inputs of ``input_hw`` (`CALIBRATION_STEPS` up to
     64x64, else `LARGE_INPUT_STEPS`)."""
     return CALIBRATION_STEPS if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_STEPS
+
+
+def default_bn_images(input_hw: tuple[int, int]) -> int | None:
+    """Images each BatchNorm recalibration reads for inputs of ``input_hw`` (None: all up to
+    64x64, else `LARGE_INPUT_BN_IMAGES`)."""
+    return None if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_BN_IMAGES
 
 
 def default_batch(input_hw: tuple[int, int]) -> int:

@@ -32,6 +32,7 @@ from mcn_compress.defaults import (
     DISTILL_COST,
     LARGE_INPUT_BATCH,
     LARGE_INPUT_STEPS,
+    default_bn_images,
     default_steps,
 )
 from mcn_compress.errors import ConfigError, WeightsUnavailable
@@ -301,7 +302,7 @@ def convert_command(
                 ).eval()
             except WeightsUnavailable as exc:
                 raise exc.with_advice(WEIGHTS_ADVICE) from exc
-        calibration = None
+        calibration = bn_images = None
         if calibrate_data is not None:
             import torch
 
@@ -327,6 +328,7 @@ def convert_command(
             )
             if calibrate_steps is None:
                 calibrate_steps = default_steps(shape[1:])
+            bn_images = default_bn_images(shape[1:])
         calibrate_steps = calibrate_steps or 0
         with _progress(not show) as bar:
             task = bar.add_task("Converting", total=None, item="")
@@ -337,6 +339,7 @@ def convert_command(
             mcn = convert(float_model, config, progress=on_layer)
             if calibration is not None:
                 n = len(calibration.dataset)  # type: ignore[arg-type]
+                n = min(n, bn_images or n)
                 cal = bar.add_task("Calibrating BN", total=n, item="images", visible=False)
                 dist = bar.add_task("Distilling", total=calibrate_steps, item="", visible=False)
 
@@ -356,6 +359,7 @@ def convert_command(
                     lr=calibrate_lr,
                     temperature=calibrate_temperature,
                     amp=calibrate_amp,
+                    bn_images=bn_images,
                 )
                 val = calibrate_val or _labelled(calibrate_data)
                 if val is not None:

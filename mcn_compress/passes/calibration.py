@@ -88,6 +88,7 @@ def calibrate(
     lr: float = CALIBRATION_LR,
     temperature: float = CALIBRATION_TEMPERATURE,
     amp: str = "auto",
+    bn_images: int | None = None,
 ) -> CalibrationResult:
     """Calibrate the converted ``model`` in place on unlabeled batches (docs/design.md 2.10).
 
@@ -103,6 +104,8 @@ def calibrate(
         amp: autocast of the distillation's forward passes: ``"auto"`` (bfloat16 where the
             device computes it natively), ``"bf16"`` or ``"off"`` (`amp.autocast_dtype`).
             The BatchNorm recalibration and the KL probes run in float32.
+        bn_images: images each BatchNorm recalibration reads (None: one whole pass; the CLI
+            gives `defaults.default_bn_images`, 512 above 64x64).
 
     Raises:
         ConfigError: ``steps`` < 0, an unknown ``amp``, no batches, or the distillation
@@ -127,7 +130,7 @@ def calibrate(
             progress(CalibrationStep("distill", step, steps, kl))
 
     try:
-        images = recalibrate_batchnorm(model, data, progress=on_images)
+        images = recalibrate_batchnorm(model, data, progress=on_images, max_images=bn_images)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     before = probe_kl(model, float_model, data)
@@ -142,8 +145,10 @@ def calibrate(
             lr=lr,
             temperature=temperature,
             amp=amp,
+            bn_images=bn_images,
         )
         precision = distilled.precision
+        images = max(images, distilled.images)  # distinct images read, by either step
     kl = (before, probe_kl(model, float_model, data) if steps else before)
     result = CalibrationResult(images, steps, kl, precision)
     summary = info_of(model).summary

@@ -161,6 +161,7 @@ def distill_from_float(
     recalibrate: bool = True,
     amp: str = "auto",
     cache_bytes: int = CACHE_BYTES,
+    bn_images: int | None = None,
 ) -> DistillResult:
     """Train ``mcn_model`` in place for ``steps`` steps to match ``float_model`` on ``batches``.
 
@@ -183,6 +184,7 @@ def distill_from_float(
             (`amp.autocast_dtype`). Parameters stay float32 either way.
         cache_bytes: keep the first pass's inputs and float logits when they fit in this
             many bytes, and reshuffle them on later passes (0: read ``batches`` every pass).
+        bn_images: at most this many images for the recalibration (None: one whole pass).
 
     Returns:
         A `DistillResult`. The model's train/eval flags and ``requires_grad`` flags are
@@ -255,7 +257,7 @@ def distill_from_float(
         for p, flag in teacher_grads.items():
             p.requires_grad_(flag)
     if recalibrate:
-        recalibrate_batchnorm(mcn_model, batches)
+        recalibrate_batchnorm(mcn_model, batches, max_images=bn_images)
     result = DistillResult(
         steps=steps,
         images=images,
