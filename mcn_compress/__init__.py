@@ -6,7 +6,7 @@ The user API (docs/design.md section 4.1), in the order of the job::
 
     float_model = mcn.load_float_model("resnet18", weights="r18.pth")
     model = mcn.convert(float_model, mcn.MCNConfig(planes=4))      # filter_fn=... narrows it
-    mcn.calibrate(model, float_model, unlabeled_batches, steps=300)  # optional, in place
+    mcn.calibrate(model, float_model, unlabeled_batches, steps=1000)  # optional, in place
     mcn.save(model, "model.pt")
     mcn.export_packed(model, "model.mcn")
     mcn.export_onnx(model, "model.onnx", compute="auto", threads=2)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mcn_compress.data import UnlabeledImages, eval_transform, find_images, image_mode
-from mcn_compress.defaults import CALIBRATION_IMAGES
+from mcn_compress.defaults import CALIBRATION_IMAGES, default_batch
 from mcn_compress.errors import ConfigError, DataError
 from mcn_compress.module_utils import in_channels, resolve_input_shape
 from mcn_compress.training.recipe import DataRecipe
@@ -31,7 +31,7 @@ SYNTHETIC_IMAGES = 2048  # how many synthetic images when no count is given
 
 
 MAX_IMAGES = 1_000_000
-"""Most calibration images (the default uses 1,024; BatchNorm statistics settle long before)."""
+"""Most calibration images (the default uses 2,048; BatchNorm statistics settle long before)."""
 
 
 def check_image_count(count: int | None) -> None:
@@ -44,14 +44,12 @@ def check_image_count(count: int | None) -> None:
         )
 
 
-SMALL_INPUT = 64 * 64  # inputs up to this many pixels get the large default batch
-
-
 def default_batch_size(model: nn.Module, input_hw: tuple[int, int] | None = None) -> int:
-    """The calibration batch of ``model``: 128 for inputs up to 64x64 pixels (Fashion-MNIST,
-    CIFAR), 16 above (ImageNet sizes), so a distillation step costs seconds, not minutes."""
+    """The calibration batch of ``model`` at ``input_hw`` (default: its input size):
+    `defaults.default_batch`, 32 for inputs up to 64x64 pixels (Fashion-MNIST, CIFAR), 16
+    above (ImageNet sizes), so a distillation step costs seconds, not minutes."""
     height, width = input_hw or resolve_input_shape(model)[1:]
-    return 128 if height * width <= SMALL_INPUT else 16
+    return default_batch((height, width))
 
 
 def _dataset(

@@ -6,15 +6,32 @@ from __future__ import annotations
 
 CALIBRATION_IMAGES = 2048
 """Default number of unlabeled calibration images of the CLI (`calibration_data`)."""
-CALIBRATION_STEPS = 300
+SMALL_INPUT = 64 * 64
+"""Inputs up to this many pixels (Fashion-MNIST, CIFAR) get the small-input defaults."""
+CALIBRATION_BATCH = 32
+"""Default calibration batch for inputs up to 64x64 (docs/design.md 2.10): more, smaller steps
+beat fewer large ones at the same time (Fashion-MNIST, docs/benchmarks.md "Calibration")."""
+LARGE_INPUT_BATCH = 16
+"""Default calibration batch above 64x64 (ImageNet sizes), so a step costs seconds."""
+CALIBRATION_STEPS = 1000
 """Default label-free distillation steps for inputs up to 64x64 (docs/design.md 2.10)."""
 LARGE_INPUT_STEPS = 60
-"""Default for larger inputs: timm resnet18 at 224x224, batch 16, takes about 5 s a step on
-one loaded CPU core (2026-12-01), so 300 steps would take 15-25 minutes; 60 keep the
-calibration of 1024 images within a few minutes on 2 cores."""
+"""Default steps for larger inputs: timm resnet18 at 224x224 takes about 200 s for the whole
+`convert` on 2 CPU cores, most of it outside the steps (docs/benchmarks.md "Calibration")."""
+LARGE_INPUT_BN_IMAGES = 512
+"""Images each BatchNorm recalibration reads above 64x64 (up to 64x64: all of them): the
+statistics settle within a few hundred, and at 224x224 a pass over 2,048 takes a minute on 2
+CPU cores."""
+CALIBRATION_LR = 8e-3
+"""AdamW learning rate of the distillation (M-Filters: a tenth of it)."""
+CALIBRATION_TEMPERATURE = 4.0
+"""Softmax temperature T of the distillation's KL."""
+AMP_MODES = ("auto", "bf16", "off")
+"""Autocast of the calibration (`amp.autocast_dtype`): auto = bfloat16 where the device
+computes it natively."""
 DISTILL_COST = (
-    "6 minutes for a Fashion-MNIST CNN on 2 CPU cores (300 steps); for inputs larger than "
-    "64x64 the default is 60 steps, a few minutes for timm resnet18 at 224x224"
+    "80 s for a Fashion-MNIST CNN on 2 CPU cores with bfloat16; for inputs larger than "
+    "64x64 a few minutes for timm resnet18 at 224x224"
 )
 """What the default calibration costs, for the CLI's help."""
 
@@ -22,7 +39,19 @@ DISTILL_COST = (
 def default_steps(input_hw: tuple[int, int]) -> int:
     """The CLI's distillation steps for inputs of ``input_hw`` (`CALIBRATION_STEPS` up to
     64x64, else `LARGE_INPUT_STEPS`)."""
-    return CALIBRATION_STEPS if input_hw[0] * input_hw[1] <= 64 * 64 else LARGE_INPUT_STEPS
+    return CALIBRATION_STEPS if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_STEPS
+
+
+def default_bn_images(input_hw: tuple[int, int]) -> int | None:
+    """Images each BatchNorm recalibration reads for inputs of ``input_hw`` (None: all up to
+    64x64, else `LARGE_INPUT_BN_IMAGES`)."""
+    return None if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_BN_IMAGES
+
+
+def default_batch(input_hw: tuple[int, int]) -> int:
+    """The calibration batch for inputs of ``input_hw`` (`CALIBRATION_BATCH` up to 64x64,
+    else `LARGE_INPUT_BATCH`)."""
+    return CALIBRATION_BATCH if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_BATCH
 
 
 WEIGHT_LAYOUTS = ("packed", "folded")

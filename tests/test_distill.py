@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -117,3 +118,105 @@ def test_expand_width_distills(float_model: nn.Module) -> None:
     assert _naive_kl(mcn, float_model, held_out) < 0.8 * kl_before
     summary = info_of(mcn).summary
     assert summary is not None and summary.calibration_steps == 30
+
+
+# --- the calibration method of issue 25: KL at T, bfloat16 autocast (design.md 2.10) --------
+def test_kl_to_teacher_matches_its_definition() -> None:
+    from mcn_compress.passes.distill import kl_to_teacher
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 7, generator=gen), 3 * torch.randn(5, 7, generator=gen)
+    for t in (1.0, 2.0, 4.0):
+        p = [[math.exp(v / t) for v in row] for row in teacher.tolist()]
+        q = [[math.exp(v / t) for v in row] for row in student.tolist()]
+        p = [[v / sum(row) for v in row] for row in p]
+        q = [[v / sum(row) for v in row] for row in q]
+        naive = sum(
+            sum(pc * (math.log(pc) - math.log(qc)) for pc, qc in zip(pr, qr, strict=True))
+            for pr, qr in zip(p, q, strict=True)
+        ) / len(p)
+        assert float(kl_to_teacher(student, teacher, t)) == pytest.approx(t * t * naive, rel=1e-5)
+
+
+def _autocast_log(model: nn.Module) -> list[tuple[bool, torch.dtype]]:
+    """(autocast enabled, its dtype) seen by ``model``'s forward passes."""
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def hook(*_: object) -> None:
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+    model.register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("amp", "native", "autocast"),
+    [("auto", True, True), ("auto", False, False), ("bf16", False, True), ("off", True, False)],
+)
+def test_bf16_autocast_only_when_asked_or_native(
+    float_model: nn.Module, monkeypatch: pytest.MonkeyPatch, amp: str, native: bool, autocast: bool
+) -> None:
+    import copy
+
+    import mcn_compress.amp
+
+    monkeypatch.setattr(mcn_compress.amp, "cpu_has_bf16", lambda cpuinfo=None: native)
+    teacher = copy.deepcopy(float_model)
+    mcn = convert(teacher, MCNConfig(planes=4))
+    student_log, teacher_log = _autocast_log(mcn), _autocast_log(teacher)
+    result = distill_from_float(mcn, teacher, [_images(8, 9)], steps=2, amp=amp, recalibrate=False)
+    assert result.precision == ("bfloat16" if autocast else "float32")
+    want = (True, torch.bfloat16) if autocast else (False,)
+    assert [entry[: len(want)] for entry in student_log] == [want, want]
+    assert [entry[: len(want)] for entry in teacher_log] == [want]  # once: its logits are kept
+    # parameters, their gradients and the optimiser's work stay float32 (autocast only)
+    assert all(p.dtype == torch.float32 for p in [*mcn.parameters(), *teacher.parameters()])
+    assert all(b.dtype != torch.bfloat16 for b in mcn.buffers())
+    # the KL probes and the BatchNorm recalibration of calibrate() run in float32
+    student_log.clear()
+    calibrate(mcn, teacher, [_images(8, 9)], steps=1, amp=amp)
+    assert student_log[0][0] is False and student_log[-1][0] is False
+    assert any(entry[0] for entry in student_log) == autocast
+
+
+def test_bf16_distillation_lowers_kl_and_unknown_amp_is_refused(float_model: nn.Module) -> None:
+    train = _images(256, seed=11)
+    held_out = _images(256, seed=12)
+    batches = [train[i : i + 32] for i in range(0, len(train), 32)]
+    mcn = convert(float_model, MCNConfig(planes=4))
+    calibrate(mcn, float_model, batches)
+    kl_before = _naive_kl(mcn, float_model, held_out, t=1.0)
+    result = calibrate(mcn, float_model, batches, steps=60, amp="bf16")
+    assert result.precision == "bfloat16"
+    assert _naive_kl(mcn, float_model, held_out, t=1.0) < 0.6 * kl_before
+    assert result.kl is not None and result.kl[1] < result.kl[0]
+    with pytest.raises(ConfigError, match="amp 'fp8'"):
+        calibrate(mcn, float_model, batches, steps=1, amp="fp8")
+
+
+def test_later_passes_reuse_the_kept_images_and_float_logits(float_model: nn.Module) -> None:
+    """Within ``cache_bytes`` the float model runs once per image and later passes draw the
+    same images in a new order; with ``cache_bytes=0`` every pass reads the batches again."""
+    import copy
+
+    batches = [_images(8, 20), _images(8, 21), _images(4, 22)]
+    everything = torch.cat(batches)
+    for cache, teacher_calls in [(10**9, 3), (0, 9)]:
+        teacher = copy.deepcopy(float_model)
+        mcn = convert(teacher, MCNConfig(planes=4))
+        calls = _autocast_log(teacher)  # after convert, which copies hooks
+        inputs: list[torch.Tensor] = []
+        mcn.register_forward_pre_hook(lambda _, args, seen=inputs: seen.append(args[0].clone()))
+        result = distill_from_float(
+            mcn, teacher, batches, steps=9, amp="off", recalibrate=False, cache_bytes=cache
+        )
+        assert len(calls) == teacher_calls
+        assert (result.images, result.images_seen) == (20, 60)
+        assert [len(x) for x in inputs] == [8, 8, 4] * 3
+        for start in (3, 6):  # each later pass: every image once
+            drawn = torch.cat(inputs[start : start + 3])
+            assert torch.equal(
+                drawn[drawn[:, 0, 0, 0].argsort()], everything[everything[:, 0, 0, 0].argsort()]
+            )
+        if cache:
+            assert not torch.equal(torch.cat(inputs[3:6]), everything)  # reshuffled

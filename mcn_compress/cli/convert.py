@@ -23,10 +23,16 @@ from mcn_compress.cli._common import (
 )
 from mcn_compress.cli.render import layer_table, summary_table
 from mcn_compress.defaults import (
+    AMP_MODES,
+    CALIBRATION_BATCH,
     CALIBRATION_IMAGES,
+    CALIBRATION_LR,
     CALIBRATION_STEPS,
+    CALIBRATION_TEMPERATURE,
     DISTILL_COST,
+    LARGE_INPUT_BATCH,
     LARGE_INPUT_STEPS,
+    default_bn_images,
     default_steps,
 )
 from mcn_compress.errors import ConfigError, WeightsUnavailable
@@ -178,14 +184,30 @@ def convert_command(
     calibrate_steps: Annotated[
         int | None,
         typer.Option(
-            help="Label-free distillation steps from the float model (KL at T=4, AdamW 4e-3) "
-            f"after the BatchNorm recalibration; 0 = BatchNorm only (default: {CALIBRATION_STEPS} "
-            f"for inputs up to 64x64, else {LARGE_INPUT_STEPS}). The default takes about "
-            f"{DISTILL_COST}.",
+            help="Label-free distillation steps from the float model (KL at "
+            f"T={CALIBRATION_TEMPERATURE:g}, AdamW {CALIBRATION_LR:g}) after the BatchNorm "
+            f"recalibration; 0 = BatchNorm only (default: {CALIBRATION_STEPS} for inputs up to "
+            f"64x64, else {LARGE_INPUT_STEPS}). The default takes about {DISTILL_COST}.",
             min=0,
             show_default=False,
         ),
     ] = None,
+    calibrate_lr: Annotated[
+        float,
+        typer.Option(help="AdamW learning rate of the distillation (M-Filters: a tenth).", min=0),
+    ] = CALIBRATION_LR,
+    calibrate_temperature: Annotated[
+        float,
+        typer.Option(help="Softmax temperature T of the distillation's KL.", min=0),
+    ] = CALIBRATION_TEMPERATURE,
+    calibrate_amp: Annotated[
+        str,
+        typer.Option(
+            metavar="|".join(AMP_MODES),
+            help="Autocast of the distillation's forward passes: auto = bfloat16 where the "
+            "CPU (AVX512-BF16/AMX) or GPU computes it natively; parameters stay float32.",
+        ),
+    ] = "auto",
     input_size: Annotated[
         str | None,
         typer.Option(
@@ -200,7 +222,8 @@ def convert_command(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            help="Calibration batch size (default: 128 for inputs up to 64x64, else 16).",
+            help=f"Calibration batch size (default: {CALIBRATION_BATCH} for inputs up to "
+            f"64x64, else {LARGE_INPUT_BATCH}).",
             min=1,
             show_default=False,
         ),
@@ -260,6 +283,12 @@ def convert_command(
             )
         if calibrate_data is not None:
             check_image_count(calibrate_images)
+        if calibrate_amp not in AMP_MODES:
+            raise ConfigError(
+                f"--calibrate-amp {calibrate_amp}: expected one of {', '.join(AMP_MODES)}"
+            )
+        if not (calibrate_lr > 0 and calibrate_temperature > 0):
+            raise ConfigError("--calibrate-lr and --calibrate-temperature must be > 0")
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {device}: expected auto, cpu or cuda")
         with err.status(f"Loading {model}", spinner="dots") if show else contextlib.nullcontext():
@@ -273,7 +302,7 @@ def convert_command(
                 ).eval()
             except WeightsUnavailable as exc:
                 raise exc.with_advice(WEIGHTS_ADVICE) from exc
-        calibration = None
+        calibration = bn_images = None
         if calibrate_data is not None:
             import torch
 
@@ -299,6 +328,7 @@ def convert_command(
             )
             if calibrate_steps is None:
                 calibrate_steps = default_steps(shape[1:])
+            bn_images = default_bn_images(shape[1:])
         calibrate_steps = calibrate_steps or 0
         with _progress(not show) as bar:
             task = bar.add_task("Converting", total=None, item="")
@@ -309,6 +339,7 @@ def convert_command(
             mcn = convert(float_model, config, progress=on_layer)
             if calibration is not None:
                 n = len(calibration.dataset)  # type: ignore[arg-type]
+                n = min(n, bn_images or n)
                 cal = bar.add_task("Calibrating BN", total=n, item="images", visible=False)
                 dist = bar.add_task("Distilling", total=calibrate_steps, item="", visible=False)
 
@@ -320,7 +351,15 @@ def convert_command(
                         bar.update(dist, completed=event.done, item=kl, visible=True)
 
                 calibrate(
-                    mcn, float_model, calibration, steps=calibrate_steps, progress=on_calibration
+                    mcn,
+                    float_model,
+                    calibration,
+                    steps=calibrate_steps,
+                    progress=on_calibration,
+                    lr=calibrate_lr,
+                    temperature=calibrate_temperature,
+                    amp=calibrate_amp,
+                    bn_images=bn_images,
                 )
                 val = calibrate_val or _labelled(calibrate_data)
                 if val is not None:

@@ -50,13 +50,11 @@ class Budget:
 
 
 def cpu_amp() -> str:
-    """``"bf16"`` when this CPU computes bfloat16 natively (AVX512-BF16 or AMX, read from
-    /proc/cpuinfo; training steps then take about half the time), else ``"off"``."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return "off"
-    return "bf16" if " avx512_bf16" in flags or " amx_bf16" in flags else "off"
+    """``"bf16"`` when this CPU computes bfloat16 natively (`amp.cpu_has_bf16`: AVX512-BF16 or
+    AMX; training steps then take about half the time), else ``"off"``."""
+    from mcn_compress.amp import cpu_has_bf16
+
+    return "bf16" if cpu_has_bf16() else "off"
 
 
 @dataclass(frozen=True)

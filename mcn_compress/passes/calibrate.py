@@ -35,8 +35,10 @@ def recalibrate_batchnorm(
     batches: Iterable[object],
     max_batches: int | None = None,
     progress: Callable[[int], None] | None = None,
+    max_images: int | None = None,
 ) -> int:
-    """Re-estimate every BatchNorm's running statistics of ``model`` on ``batches``.
+    """Re-estimate every BatchNorm's running statistics of ``model`` on ``batches`` (the first
+    ``max_batches`` of them, stopping once ``max_images`` images were seen).
 
     Weights, biases and the model's train/eval flags are unchanged; only BN buffers move.
     Returns the number of images seen (0 when the model has no BatchNorm).
@@ -58,6 +60,8 @@ def recalibrate_batchnorm(
             norm.train()
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
+                break
+            if max_images is not None and seen >= max_images:
                 break
             x = batch_input(batch).to(device)
             model(x)

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from mcn_compress.amp import autocast_dtype
+from mcn_compress.defaults import CALIBRATION_LR, CALIBRATION_TEMPERATURE
 from mcn_compress.errors import ConfigError
 from mcn_compress.info import info_of, update_info
 from mcn_compress.passes.calibrate import batch_input, recalibrate_batchnorm
@@ -35,13 +37,15 @@ class CalibrationStep:
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationResult:
-    """What `calibrate` did: ``images`` distinct images, ``steps`` distillation steps and
+    """What `calibrate` did: ``images`` distinct images, ``steps`` distillation steps,
     ``kl``, the KL to the float model (`probe_kl`) right after the BatchNorm recalibration and
-    at the end."""
+    at the end, and the autocast dtype of the distillation (``"bfloat16"``/``"float32"``;
+    None without steps)."""
 
     images: int
     steps: int
     kl: tuple[float, float] | None = None
+    precision: str | None = None
 
 
 PROBE_IMAGES = 256
@@ -81,6 +85,10 @@ def calibrate(
     *,
     steps: int = 0,
     progress: Callable[[CalibrationStep], None] | None = None,
+    lr: float = CALIBRATION_LR,
+    temperature: float = CALIBRATION_TEMPERATURE,
+    amp: str = "auto",
+    bn_images: int | None = None,
 ) -> CalibrationResult:
     """Calibrate the converted ``model`` in place on unlabeled batches (docs/design.md 2.10).
 
@@ -92,12 +100,21 @@ def calibrate(
         steps: label-free distillation steps after the BatchNorm recalibration (0: BatchNorm
             only; the CLI's default is `passes.distill.default_steps`).
         progress: called with a `CalibrationStep` after each batch and step.
+        lr, temperature: the distillation's AdamW learning rate and KL temperature.
+        amp: autocast of the distillation's forward passes: ``"auto"`` (bfloat16 where the
+            device computes it natively), ``"bf16"`` or ``"off"`` (`amp.autocast_dtype`).
+            The BatchNorm recalibration and the KL probes run in float32.
+        bn_images: images each BatchNorm recalibration reads (None: one whole pass; the CLI
+            gives `defaults.default_bn_images`, 512 above 64x64).
 
     Raises:
-        ConfigError: ``steps`` < 0, no batches, or the distillation diverged.
+        ConfigError: ``steps`` < 0, an unknown ``amp``, no batches, or the distillation
+            diverged.
     """
     if steps < 0:
         raise ConfigError(f"calibration steps must be >= 0, got {steps}")
+    param = next(model.parameters(), None)
+    autocast_dtype(param.device if param is not None else torch.device("cpu"), amp)  # checks
     if iter(data) is data:  # a one-shot iterator: keep its batches for the distillation
         data = list(data)
     seen = 0
@@ -113,14 +130,27 @@ def calibrate(
             progress(CalibrationStep("distill", step, steps, kl))
 
     try:
-        images = recalibrate_batchnorm(model, data, progress=on_images)
+        images = recalibrate_batchnorm(model, data, progress=on_images, max_images=bn_images)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     before = probe_kl(model, float_model, data)
+    precision = None
     if steps:
-        distill_from_float(model, float_model, data, steps, progress=on_step)
+        distilled = distill_from_float(
+            model,
+            float_model,
+            data,
+            steps,
+            progress=on_step,
+            lr=lr,
+            temperature=temperature,
+            amp=amp,
+            bn_images=bn_images,
+        )
+        precision = distilled.precision
+        images = max(images, distilled.images)  # distinct images read, by either step
     kl = (before, probe_kl(model, float_model, data) if steps else before)
-    result = CalibrationResult(images, steps, kl)
+    result = CalibrationResult(images, steps, kl, precision)
     summary = info_of(model).summary
     if summary is not None:
         summary = dataclasses.replace(
