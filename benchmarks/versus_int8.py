@@ -14,8 +14,8 @@ Each file runs in its own Python process with T intra-op threads (one onnxruntim
 per process: sessions in one process share the cores with each other's spinning thread
 pools), the processes alternating file by file for ``--repeats`` rounds (in a new order each
 round); a process times ``--runs`` runs after 5 warm-up runs and prints their median; the
-table gives the median over rounds, its ratio to int8 PTQ, and the file's bytes. Run it on an otherwise idle
-machine: a busy second core makes 2-thread numbers meaningless.
+table gives the median over rounds, its ratio to int8 PTQ, and the file's bytes. Run it on an
+otherwise idle machine: a busy second core makes 2-thread numbers meaningless.
 
 Table 2, accuracy (``--quickstart DIR``, the folder `mcn-compress quickstart` wrote): top-1 on
 the Fashion-MNIST test set of its float model as float32 and int8 PTQ, and of its MCN as W1A32
