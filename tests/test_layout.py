@@ -88,6 +88,7 @@ LEVELS = {  # docs/design.md section 4.1: a module imports only from its level a
     "defaults": 0,
     "limits": 0,
     "nn": 1,
+    "amp": 1,
     "module_utils": 1,
     "passes": 2,
     "info": 2,
