@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from mcn_compress.defaults import CALIBRATION_BATCH
 from mcn_compress.experiments.fashion_mnist import (
     Budget,
     Variant,
@@ -21,6 +22,7 @@ from mcn_compress.experiments.fashion_mnist import (
     float_run_finished,
     pretrain_float,
 )
+from mcn_compress.passes.calibration import PROBE_IMAGES
 from mcn_compress.training.run_dir import EpochMetrics
 
 if TYPE_CHECKING:
@@ -105,7 +107,11 @@ def plan(out_dir: Path, budget: Budget, planes: int = 4) -> list[Stage]:
     reused = float_run_finished(budget, out_dir / "float")
     probe = float_model(budget)
     float_step = _step_seconds(budget, probe, budget.batch_size)
-    mcn_step = _step_seconds(budget, convert(probe, MCNConfig(planes=planes)), budget.batch_size)
+    mcn = convert(probe, MCNConfig(planes=planes))
+    mcn_step = _step_seconds(budget, mcn, budget.batch_size)
+    calibration_step = _step_seconds(budget, mcn, CALIBRATION_BATCH)
+    # two BatchNorm passes over the images and two KL probes (both models): forwards only
+    calibration_forwards = (2 * budget.calibrate_images + 4 * PROBE_IMAGES) / CALIBRATION_BATCH
     train = budget.train_samples or 60_000
     steps = math.ceil(train / budget.batch_size)
     test_images = budget.val_samples or TEST_IMAGES
@@ -123,7 +129,9 @@ def plan(out_dir: Path, budget: Budget, planes: int = 4) -> list[Stage]:
             f"K={planes}, {budget.calibrate_steps} label-free steps on "
             f"{budget.calibrate_images:,} images",
             budget.calibrate_steps,
-            budget.calibrate_steps * mcn_step * 1.3 + 3 * eval_s,  # + the teacher's forward
+            budget.calibrate_steps * calibration_step
+            + calibration_forwards * calibration_step / 3
+            + 3 * eval_s,
         ),
         Stage(
             "finetune",
