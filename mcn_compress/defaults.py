@@ -16,12 +16,17 @@ LARGE_INPUT_BATCH = 16
 CALIBRATION_STEPS = 1000
 """Default label-free distillation steps for inputs up to 64x64 (docs/design.md 2.10)."""
 LARGE_INPUT_STEPS = 60
-"""Default steps for larger inputs: timm resnet18 at 224x224 takes about 200 s for the whole
-`convert` on 2 CPU cores, most of it outside the steps (docs/benchmarks.md "Calibration")."""
-LARGE_INPUT_BN_IMAGES = 512
+"""Default steps for larger inputs: timm resnet18 at 224x224 takes about 175 s for the whole
+`convert` on 2 CPU cores, 100 s of it in the steps (docs/benchmarks.md "Calibration")."""
+LARGE_INPUT_BN_IMAGES = 256
 """Images each BatchNorm recalibration reads above 64x64 (up to 64x64: all of them): the
 statistics settle within a few hundred, and at 224x224 a pass over 2,048 takes a minute on 2
 CPU cores."""
+PROBE_IMAGES = 256
+"""Images the calibration's KL probes (before and after the distillation) read up to 64x64."""
+LARGE_INPUT_PROBE_IMAGES = 128
+"""Images each KL probe reads above 64x64: a probe runs both models, about 10 s per probe
+at 224x224 on 2 CPU cores."""
 CALIBRATION_LR = 8e-3
 """AdamW learning rate of the distillation (M-Filters: a tenth of it)."""
 CALIBRATION_TEMPERATURE = 4.0
@@ -30,8 +35,8 @@ AMP_MODES = ("auto", "bf16", "off")
 """Autocast of the calibration (`amp.autocast_dtype`): auto = bfloat16 where the device
 computes it natively."""
 DISTILL_COST = (
-    "80 s for a Fashion-MNIST CNN on 2 CPU cores with bfloat16; for inputs larger than "
-    "64x64 a few minutes for timm resnet18 at 224x224"
+    "about 100 s for a Fashion-MNIST CNN on 2 CPU cores; for inputs larger than "
+    "64x64 about 3 minutes for timm resnet18 at 224x224"
 )
 """What the default calibration costs, for the CLI's help."""
 
@@ -46,6 +51,12 @@ def default_bn_images(input_hw: tuple[int, int]) -> int | None:
     """Images each BatchNorm recalibration reads for inputs of ``input_hw`` (None: all up to
     64x64, else `LARGE_INPUT_BN_IMAGES`)."""
     return None if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_BN_IMAGES
+
+
+def default_probe_images(input_hw: tuple[int, int]) -> int:
+    """Images each KL probe of the calibration reads for inputs of ``input_hw``
+    (`PROBE_IMAGES` up to 64x64, else `LARGE_INPUT_PROBE_IMAGES`)."""
+    return PROBE_IMAGES if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_PROBE_IMAGES
 
 
 def default_batch(input_hw: tuple[int, int]) -> int:

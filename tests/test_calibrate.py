@@ -46,7 +46,7 @@ def test_pairs_max_batches_and_errors() -> None:
 
 def test_max_images_stops_after_the_batch_that_reaches_it() -> None:
     """BatchNorm statistics from the first batches only (design.md 2.10, large inputs)."""
-    from mcn_compress.defaults import LARGE_INPUT_BN_IMAGES, default_batch, default_bn_images
+    from mcn_compress.defaults import default_batch, default_bn_images, default_probe_images
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.BatchNorm2d(2))
@@ -54,6 +54,6 @@ def test_max_images_stops_after_the_batch_that_reaches_it() -> None:
     assert recalibrate_batchnorm(model, batches, max_images=6) == 8
     first = torch.cat(batches[:2])
     assert torch.allclose(model[0].running_mean, first.mean(dim=(0, 2, 3)), atol=1e-5)
-    assert default_bn_images((28, 28)) is None and default_bn_images((224, 224)) == 512
-    assert LARGE_INPUT_BN_IMAGES == 512
+    assert default_bn_images((28, 28)) is None and default_bn_images((224, 224)) == 256
+    assert (default_probe_images((64, 64)), default_probe_images((224, 224))) == (256, 128)
     assert (default_batch((64, 64)), default_batch((224, 224))) == (32, 16)

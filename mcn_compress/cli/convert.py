@@ -32,7 +32,9 @@ from mcn_compress.defaults import (
     DISTILL_COST,
     LARGE_INPUT_BATCH,
     LARGE_INPUT_STEPS,
+    PROBE_IMAGES,
     default_bn_images,
+    default_probe_images,
     default_steps,
 )
 from mcn_compress.errors import ConfigError, WeightsUnavailable
@@ -303,6 +305,7 @@ def convert_command(
             except WeightsUnavailable as exc:
                 raise exc.with_advice(WEIGHTS_ADVICE) from exc
         calibration = bn_images = None
+        probe_images = PROBE_IMAGES
         if calibrate_data is not None:
             import torch
 
@@ -329,6 +332,7 @@ def convert_command(
             if calibrate_steps is None:
                 calibrate_steps = default_steps(shape[1:])
             bn_images = default_bn_images(shape[1:])
+            probe_images = default_probe_images(shape[1:])
         calibrate_steps = calibrate_steps or 0
         with _progress(not show) as bar:
             task = bar.add_task("Converting", total=None, item="")
@@ -360,6 +364,7 @@ def convert_command(
                     temperature=calibrate_temperature,
                     amp=calibrate_amp,
                     bn_images=bn_images,
+                    probe_images=probe_images,
                 )
                 val = calibrate_val or _labelled(calibrate_data)
                 if val is not None:

@@ -342,9 +342,7 @@ def _calibration(
 
 def _activations(result: dict[str, object]) -> str:
     if result.get("activations") == "int8":
-        return (
-            f"int8 activations and layers (ranges from {result['calibration_images']} images)"
-        )
+        return f"int8 activations and layers (ranges from {result['calibration_images']} images)"
     return f"float layers {result['float_layers']}"
 
 

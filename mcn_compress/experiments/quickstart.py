@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mcn_compress.defaults import CALIBRATION_BATCH
+from mcn_compress.defaults import CALIBRATION_BATCH, PROBE_IMAGES
 from mcn_compress.experiments.fashion_mnist import (
     Budget,
     Variant,
@@ -22,7 +22,6 @@ from mcn_compress.experiments.fashion_mnist import (
     float_run_finished,
     pretrain_float,
 )
-from mcn_compress.passes.calibration import PROBE_IMAGES
 from mcn_compress.training.run_dir import EpochMetrics
 
 if TYPE_CHECKING:

@@ -398,8 +398,12 @@ def avoid_saturation(proto: Any, plan: InferencePlan) -> None:
         new_scale = np.where(new_scale > 0, new_scale, 1.0)
         replace(combine, np.round(real / new_scale.reshape(shape)).astype(np.int8))
         replace(w_scale_name, new_scale.astype(np.float32))
-        conv = next(n for n in graph.node if (n.op_type == "Conv" and n.output[0] == row.name)
-                    or (n.op_type == "Conv" and readers[combine].output[0] in n.input))
+        conv = next(
+            n
+            for n in graph.node
+            if (n.op_type == "Conv" and n.output[0] == row.name)
+            or (n.op_type == "Conv" and readers[combine].output[0] in n.input)
+        )
         if len(conv.input) < 3:
             continue
         bias_dq = next(n for n in graph.node if n.output and n.output[0] == conv.input[2])

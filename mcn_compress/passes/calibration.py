@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mcn_compress.amp import autocast_dtype
-from mcn_compress.defaults import CALIBRATION_LR, CALIBRATION_TEMPERATURE
+from mcn_compress.defaults import CALIBRATION_LR, CALIBRATION_TEMPERATURE, PROBE_IMAGES
 from mcn_compress.errors import ConfigError
 from mcn_compress.info import info_of, update_info
 from mcn_compress.passes.calibrate import batch_input, recalibrate_batchnorm
@@ -46,10 +46,6 @@ class CalibrationResult:
     steps: int
     kl: tuple[float, float] | None = None
     precision: str | None = None
-
-
-PROBE_IMAGES = 256
-"""Images `probe_kl` measures on: the first calibration batches, enough to compare models."""
 
 
 @torch.no_grad()
@@ -89,6 +85,7 @@ def calibrate(
     temperature: float = CALIBRATION_TEMPERATURE,
     amp: str = "auto",
     bn_images: int | None = None,
+    probe_images: int = PROBE_IMAGES,
 ) -> CalibrationResult:
     """Calibrate the converted ``model`` in place on unlabeled batches (docs/design.md 2.10).
 
@@ -105,7 +102,9 @@ def calibrate(
             device computes it natively), ``"bf16"`` or ``"off"`` (`amp.autocast_dtype`).
             The BatchNorm recalibration and the KL probes run in float32.
         bn_images: images each BatchNorm recalibration reads (None: one whole pass; the CLI
-            gives `defaults.default_bn_images`, 512 above 64x64).
+            gives `defaults.default_bn_images`, 256 above 64x64).
+        probe_images: images each KL probe reads (the first calibration batches; the CLI
+            gives `defaults.default_probe_images`, 128 above 64x64).
 
     Raises:
         ConfigError: ``steps`` < 0, an unknown ``amp``, no batches, or the distillation
@@ -133,7 +132,7 @@ def calibrate(
         images = recalibrate_batchnorm(model, data, progress=on_images, max_images=bn_images)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    before = probe_kl(model, float_model, data)
+    before = probe_kl(model, float_model, data, probe_images)
     precision = None
     if steps:
         distilled = distill_from_float(
@@ -149,7 +148,7 @@ def calibrate(
         )
         precision = distilled.precision
         images = max(images, distilled.images)  # distinct images read, by either step
-    kl = (before, probe_kl(model, float_model, data) if steps else before)
+    kl = (before, probe_kl(model, float_model, data, probe_images) if steps else before)
     result = CalibrationResult(images, steps, kl, precision)
     summary = info_of(model).summary
     if summary is not None:
