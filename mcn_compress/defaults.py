@@ -41,28 +41,33 @@ DISTILL_COST = (
 """What the default calibration costs, for the CLI's help."""
 
 
+def is_small_input(input_hw: tuple[int, int]) -> bool:
+    """Whether ``input_hw`` gets the small-input defaults (at most `SMALL_INPUT` pixels)."""
+    return input_hw[0] * input_hw[1] <= SMALL_INPUT
+
+
 def default_steps(input_hw: tuple[int, int]) -> int:
     """The CLI's distillation steps for inputs of ``input_hw`` (`CALIBRATION_STEPS` up to
     64x64, else `LARGE_INPUT_STEPS`)."""
-    return CALIBRATION_STEPS if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_STEPS
+    return CALIBRATION_STEPS if is_small_input(input_hw) else LARGE_INPUT_STEPS
 
 
 def default_bn_images(input_hw: tuple[int, int]) -> int | None:
     """Images each BatchNorm recalibration reads for inputs of ``input_hw`` (None: all up to
     64x64, else `LARGE_INPUT_BN_IMAGES`)."""
-    return None if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_BN_IMAGES
+    return None if is_small_input(input_hw) else LARGE_INPUT_BN_IMAGES
 
 
 def default_probe_images(input_hw: tuple[int, int]) -> int:
     """Images each KL probe of the calibration reads for inputs of ``input_hw``
     (`PROBE_IMAGES` up to 64x64, else `LARGE_INPUT_PROBE_IMAGES`)."""
-    return PROBE_IMAGES if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_PROBE_IMAGES
+    return PROBE_IMAGES if is_small_input(input_hw) else LARGE_INPUT_PROBE_IMAGES
 
 
 def default_batch(input_hw: tuple[int, int]) -> int:
     """The calibration batch for inputs of ``input_hw`` (`CALIBRATION_BATCH` up to 64x64,
     else `LARGE_INPUT_BATCH`)."""
-    return CALIBRATION_BATCH if input_hw[0] * input_hw[1] <= SMALL_INPUT else LARGE_INPUT_BATCH
+    return CALIBRATION_BATCH if is_small_input(input_hw) else LARGE_INPUT_BATCH
 
 
 WEIGHT_LAYOUTS = ("packed", "folded")
