@@ -185,6 +185,45 @@ class ArrayImages(Dataset[Sample]):
         return data, int(self.labels[index])
 
 
+class NormalizedArrayImages(ArrayImages):
+    """`ArrayImages` at their stored size without augmentation, converted and normalised with
+    tensor ops instead of PIL: the same values as ``ToMode``, ``ToTensor`` and ``Normalize``
+    (``(x / 255 - mean) / std``, a gray image repeated for each of the ``in_chans`` channels),
+    about ten times faster per image; a batch is read in one indexing step (``__getitems__``).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: Sequence[str],
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        super().__init__(images, labels, classes)
+        if images.ndim != 3 or in_chans not in (1, 3) or len(mean) != in_chans:
+            raise DataError(
+                f"expected gray images (N, H, W) and 1 or 3 channels, got "
+                f"{tuple(images.shape)} for {in_chans} channels"
+            )
+        self.in_chans = in_chans
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+
+    def _batch(self, indices: Sequence[int]) -> torch.Tensor:
+        pixels = self.images[list(indices)].unsqueeze(1).to(torch.float32).div(255)
+        pixels = pixels.expand(-1, self.in_chans, -1, -1)
+        return pixels.sub(self.mean).div(self.std)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self._batch([index])[0], int(self.labels[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
+        images = self._batch(indices)
+        return list(zip(images.unbind(0), self.labels[list(indices)].tolist(), strict=True))
+
+
 def load_fashion_mnist(
     root: str | Path | None,
     train: bool,
@@ -503,12 +542,18 @@ def _fashion_mnist(
     size = data_cfg.image_size or NATIVE_SIZE["fashion_mnist"]
     mean, std = _normalization(model, in_chans)
     native = NATIVE_SIZE["fashion_mnist"]
+    image_mode(in_chans)  # a DataError for channel counts images cannot have
     train_tf = small_image_transform(native, size, in_chans, mean, std, train=data_cfg.augment)
     val_tf = small_image_transform(native, size, in_chans, mean, std, train=False)
-    return (
-        load_fashion_mnist(data_cfg.root, train=True, transform=train_tf),
-        load_fashion_mnist(data_cfg.root, train=False, transform=val_tf),
-    )
+    train = load_fashion_mnist(data_cfg.root, train=True, transform=train_tf)
+    val = load_fashion_mnist(data_cfg.root, train=False, transform=val_tf)
+    if size != native:
+        return train, val
+
+    def fast(split: ArrayImages) -> ArrayImages:
+        return NormalizedArrayImages(split.images, split.labels, split.classes, in_chans, mean, std)
+
+    return (train if data_cfg.augment else fast(train)), fast(val)
 
 
 def _synthetic(

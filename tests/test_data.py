@@ -138,6 +138,32 @@ def test_augment_false_trains_on_the_plain_normalised_images(
         torch.testing.assert_close(train[i][0][0], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("model_name", ["gray_model", "rgb_model"])
+def test_native_size_batches_match_the_naive_normalisation(
+    tmp_path: Path, model_name: str, request: pytest.FixtureRequest
+) -> None:
+    """A loader's batches (read with ``__getitems__`` through a capped subset) hold
+    ``(x / 255 - mean) / std`` of the stored pixels, the gray value on every channel."""
+    model = request.getfixturevalue(model_name)
+    fake = fake_fashion_torchvision(tmp_path)
+    cfg = DataRecipe(dataset="fashion_mnist", root=str(tmp_path), augment=False, val_samples=7)
+    train, val = build_datasets(cfg, model)
+    channels = 1 if model_name == "gray_model" else 3
+    if channels == 1:
+        means, stds = [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+    else:
+        means, stds = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    for dataset, (images, labels) in ((train, fake["train"]), (val, fake["t10k"])):
+        order = getattr(dataset, "indices", list(range(len(dataset))))
+        batch, targets = next(iter(torch.utils.data.DataLoader(dataset, batch_size=5)))
+        assert batch.shape == (5, channels, 28, 28)
+        for row, index in enumerate(order[:5]):
+            assert int(targets[row]) == int(labels[index])
+            for c in range(channels):
+                expected = (images[index].float() / 255 - means[c]) / stds[c]
+                torch.testing.assert_close(batch[row, c], expected, atol=1e-5, rtol=0)
+
+
 def test_augment_true_crops_and_flips_training_images(
     tmp_path: Path, gray_model: nn.Module
 ) -> None:
