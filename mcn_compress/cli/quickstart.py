@@ -11,7 +11,15 @@ from rich.table import Table
 
 from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, errors_only, out, print_json
 from mcn_compress.cli.finetune import training_progress
-from mcn_compress.defaults import CALIBRATION_IMAGES, CALIBRATION_STEPS
+from mcn_compress.defaults import CALIBRATION_IMAGES
+
+QUICKSTART_ARCH = "mcn_resnet_tiny"
+QUICKSTART_TRAIN_IMAGES = 60_000
+QUICKSTART_FLOAT_EPOCHS = 2
+QUICKSTART_MCN_EPOCHS = 3
+QUICKSTART_CALIBRATION_STEPS = 500
+"""The quickstart's budget: about 4.5 minutes on the 2-core development CPU, MCN top-1 about
+88.7 (docs/quickstart.md); the fine-tuning epochs recover what fewer calibration steps leave."""
 
 if TYPE_CHECKING:
     from mcn_compress.experiments.fashion_mnist import Budget
@@ -58,14 +66,22 @@ def quickstart_command(
         "runs/quickstart"
     ),
     arch: Annotated[
-        str, typer.Option(help="Float architecture (mcn_resnet_small, mcn_resnet_tiny, ...).")
-    ] = "mcn_resnet_small",
+        str,
+        typer.Option(
+            help="Float architecture: mcn_resnet_tiny (16-32-64, the 5-minute default) or "
+            "mcn_resnet_small (32-64-128, about 4x the compute per image)."
+        ),
+    ] = QUICKSTART_ARCH,
     planes: Annotated[int, typer.Option("--planes", "-k", help="K of the MCN.", min=1)] = 4,
     train_samples: Annotated[
         int, typer.Option(help="Training images used (of 60,000).", min=1)
-    ] = 20000,
-    pretrain_epochs: Annotated[int, typer.Option(help="Float training epochs.", min=1)] = 3,
-    epochs: Annotated[int, typer.Option(help="MCN fine-tuning epochs.", min=1)] = 3,
+    ] = QUICKSTART_TRAIN_IMAGES,
+    pretrain_epochs: Annotated[
+        int, typer.Option(help="Float training epochs.", min=1)
+    ] = QUICKSTART_FLOAT_EPOCHS,
+    epochs: Annotated[
+        int, typer.Option(help="MCN fine-tuning epochs.", min=1)
+    ] = QUICKSTART_MCN_EPOCHS,
     augment: Annotated[
         bool,
         typer.Option(
@@ -84,7 +100,7 @@ def quickstart_command(
             "(0 = BatchNorm recalibration only).",
             min=0,
         ),
-    ] = CALIBRATION_STEPS,
+    ] = QUICKSTART_CALIBRATION_STEPS,
     val_samples: Annotated[
         int | None,
         typer.Option(
@@ -109,8 +125,7 @@ def quickstart_command(
     fine-tunes it and shows accuracy and real file sizes side by side. It first prints what it
     will do and about how long each stage takes on this machine (from a few timed steps), then
     one progress bar per stage. Runs finished earlier in the same --out folder with the same
-    settings are reused. About 4 minutes on a 2-core CPU with bfloat16 support
-    (docs/quickstart.md).
+    settings are reused. About 4.5 minutes on a 2-core CPU (docs/quickstart.md).
 
     Needs the data: apt-get update && apt-get install -y dataset-fashion-mnist
 
