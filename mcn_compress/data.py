@@ -6,7 +6,7 @@ sees what the model sees.
 
 Fine-tuning (`build_datasets`, docs/design.md sections 3 and 5): ImageFolder trees with timm's
 train / eval transforms; CIFAR-10/100 in torchvision's layout; Fashion-MNIST from its four IDX
-files (Debian's ``dataset-fashion-mnist`` folder or torchvision's layout, parsed by `read_idx`);
+files (`mcn_compress.fashion_mnist`: Debian's folder or torchvision's layout, parsed by `read_idx`);
 a seeded synthetic set for smoke runs. Nothing is ever downloaded: missing data raises one
 `DataError` that says where it looked and how to get the data.
 """
@@ -26,7 +26,16 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from mcn_compress.errors import DataError
-from mcn_compress.idx import read_idx
+from mcn_compress.fashion_mnist import (  # re-exported: they lived here before
+    DEBIAN_FASHION_MNIST as DEBIAN_FASHION_MNIST,
+)
+from mcn_compress.fashion_mnist import FASHION_MNIST_CLASSES as FASHION_MNIST_CLASSES
+from mcn_compress.fashion_mnist import FASHION_MNIST_FILES as FASHION_MNIST_FILES
+from mcn_compress.fashion_mnist import ArrayImages as ArrayImages
+from mcn_compress.fashion_mnist import NormalizedArrayImages as NormalizedArrayImages
+from mcn_compress.fashion_mnist import find_fashion_mnist as find_fashion_mnist
+from mcn_compress.fashion_mnist import load_fashion_mnist as load_fashion_mnist
+from mcn_compress.idx import read_idx as read_idx
 from mcn_compress.images import ImageLoader, read_image
 from mcn_compress.module_utils import in_channels
 
@@ -37,26 +46,6 @@ _logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
-#: where Debian's ``dataset-fashion-mnist`` package installs the four IDX files
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "val_images": "t10k-images-idx3-ubyte",
-    "val_labels": "t10k-labels-idx1-ubyte",
-}
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "fashion_mnist": 28, "synthetic": 32}
 KNOWN_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
 SYNTHETIC_DEFAULT_SIZES = (1024, 256)
@@ -124,135 +113,8 @@ def eval_transform(
 
 
 # ------------------------------------------------------------------------------------------
-# IDX files (MNIST / Fashion-MNIST)
-# ------------------------------------------------------------------------------------------
-def find_fashion_mnist(root: str | Path | None = None) -> dict[str, Path]:
-    """The four Fashion-MNIST IDX files (``.gz`` or not) under ``root``.
-
-    Looks in ``root`` itself (Debian's flat folder; ``root`` defaults to
-    `DEBIAN_FASHION_MNIST`) and in torchvision's ``root/FashionMNIST/raw``.
-    """
-    base = Path(root).expanduser() if root is not None else DEBIAN_FASHION_MNIST
-    candidates = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist"]
-    for folder in candidates:
-        found: dict[str, Path] = {}
-        for key, stem in FASHION_MNIST_FILES.items():
-            for name in (f"{stem}.gz", stem):
-                if (folder / name).is_file():
-                    found[key] = folder / name
-                    break
-        if len(found) == len(FASHION_MNIST_FILES):
-            return found
-    looked = ", ".join(str(c) for c in candidates)
-    raise DataError(
-        f"Fashion-MNIST not found: looked for {', '.join(FASHION_MNIST_FILES.values())} "
-        f"(.gz or not) in {looked}. Install Debian's copy with "
-        f"`apt-get install -y dataset-fashion-mnist` (files in {DEBIAN_FASHION_MNIST}), or "
-        "set data.root to a folder holding the four IDX files"
-    )
-
-
-# ------------------------------------------------------------------------------------------
 # datasets
 # ------------------------------------------------------------------------------------------
-class ArrayImages(Dataset[Sample]):
-    """Images held in memory as a uint8 tensor ``(N, H, W)`` or ``(N, H, W, C)`` with labels;
-    each item is ``(transform(PIL image), label)``.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        classes: Sequence[str],
-        transform: Callable[[Any], torch.Tensor] | None = None,
-    ) -> None:
-        if images.shape[0] != labels.shape[0]:
-            raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-        self.images = images
-        self.labels = labels.long()
-        self.classes = list(classes)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, index: int) -> Sample:
-        from PIL import Image
-
-        image = Image.fromarray(self.images[index].numpy())
-        data = self.transform(image) if self.transform is not None else image
-        return data, int(self.labels[index])
-
-
-class NormalizedArrayImages(ArrayImages):
-    """`ArrayImages` at their stored size without augmentation, converted and normalised with
-    tensor ops instead of PIL: the same values as ``ToMode``, ``ToTensor`` and ``Normalize``
-    (``(x / 255 - mean) / std``, a gray image repeated for each of the ``in_chans`` channels),
-    about ten times faster per image; a batch is read in one indexing step (``__getitems__``).
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        classes: Sequence[str],
-        in_chans: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        super().__init__(images, labels, classes)
-        if images.ndim != 3 or in_chans not in (1, 3) or len(mean) != in_chans:
-            raise DataError(
-                f"expected gray images (N, H, W) and 1 or 3 channels, got "
-                f"{tuple(images.shape)} for {in_chans} channels"
-            )
-        self.in_chans = in_chans
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-
-    def _batch(self, indices: Sequence[int]) -> torch.Tensor:
-        pixels = self.images[list(indices)].unsqueeze(1).to(torch.float32).div(255)
-        pixels = pixels.expand(-1, self.in_chans, -1, -1)
-        return pixels.sub(self.mean).div(self.std)
-
-    def __getitem__(self, index: int) -> Sample:
-        return self._batch([index])[0], int(self.labels[index])
-
-    def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        images = self._batch(indices)
-        return list(zip(images.unbind(0), self.labels[list(indices)].tolist(), strict=True))
-
-
-def load_fashion_mnist(
-    root: str | Path | None,
-    train: bool,
-    transform: Callable[[Any], torch.Tensor] | None = None,
-) -> ArrayImages:
-    """The Fashion-MNIST train (60k) or test (10k) split from its IDX files (`read_idx`)."""
-    files = find_fashion_mnist(root)
-    prefix = "train" if train else "val"
-    images = read_idx(files[f"{prefix}_images"])
-    labels = read_idx(files[f"{prefix}_labels"])
-    if images.ndim != 3 or labels.ndim != 1 or images.dtype != torch.uint8:
-        raise DataError(
-            f"{files[f'{prefix}_images']}: expected uint8 images (N, H, W) and labels (N,), got "
-            f"{tuple(images.shape)} {images.dtype} and {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point() or images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{files[f'{prefix}_labels']}: expected {images.shape[0]} integer labels, got "
-            f"{labels.shape[0]} {str(labels.dtype).removeprefix('torch.')}"
-        )
-    bad = labels[(labels < 0) | (labels >= len(FASHION_MNIST_CLASSES))]
-    if bad.numel():
-        raise DataError(
-            f"{files[f'{prefix}_labels']}: label {int(bad[0])} out of range (expected 0 to "
-            f"{len(FASHION_MNIST_CLASSES) - 1})"
-        )
-    return ArrayImages(images, labels, FASHION_MNIST_CLASSES, transform)
-
-
 class SyntheticImages(Dataset[Sample]):
     """Seeded random images with a learnable class-dependent signal, for smoke runs.
 

@@ -97,6 +97,7 @@ LEVELS = {  # docs/design.md section 4.1: a module imports only from its level a
     "smallnets": 2,
     "data": 2,
     "idx": 2,
+    "fashion_mnist": 2,
     "images": 2,
     "formats": 3,
     "storage": 3,
