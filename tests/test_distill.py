@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -105,6 +106,46 @@ def test_steps_zero_is_batchnorm_only_and_checkpoint_records_it(
         calibrate(plain, float_model, [], steps=5)
     with pytest.raises(ConfigError, match=">= 0"):
         calibrate(plain, float_model, batches, steps=-1)
+
+
+class _Reshuffled:
+    """Batches of ``images`` in a new random order on every pass; records what each pass read."""
+
+    def __init__(self, images: torch.Tensor, batch: int) -> None:
+        self.images, self.batch, self.passes = images, batch, []  # type: list[list[torch.Tensor]]
+        self.gen = torch.Generator().manual_seed(3)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        order = torch.randperm(len(self.images), generator=self.gen)
+        read: list[torch.Tensor] = []
+        self.passes.append(read)
+        for start in range(0, len(order), self.batch):
+            read.append(self.images[order[start : start + self.batch]])
+            yield read[-1]
+
+
+def test_kl_probes_compare_the_same_images_before_and_after(float_model: nn.Module) -> None:
+    """Both KL probes read the images of the first probe's pass (the data reshuffles between
+    passes); each value is the naive KL at T = 1 on those images."""
+    data = _Reshuffled(_images(96, seed=8), batch=16)
+    mcn = convert(float_model, MCNConfig(planes=4))
+    recalibrated = []
+    result = calibrate(
+        mcn,
+        float_model,
+        data,
+        steps=4,
+        probe_images=40,
+        progress=lambda e: recalibrated.append(copy.deepcopy(mcn)) if e.done == 96 else None,
+    )
+    probe_pass = data.passes[1]  # pass 0: the BatchNorm recalibration
+    probed = torch.cat(probe_pass)[:40]
+    assert result.kl is not None
+    before = _naive_kl(recalibrated[0], float_model, probed, t=1.0)
+    after = _naive_kl(mcn, float_model, probed, t=1.0)
+    assert result.kl == pytest.approx((before, after), rel=1e-4)
+    later = torch.cat(data.passes[-1])[:40]
+    assert not torch.equal(later, probed)  # a later pass reads other images first
 
 
 def test_expand_width_distills(float_model: nn.Module) -> None:

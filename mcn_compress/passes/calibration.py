@@ -48,30 +48,60 @@ class CalibrationResult:
     precision: str | None = None
 
 
+Probe = list[tuple[torch.Tensor, torch.Tensor]]
+"""The images of a KL probe and the float model's logits on them, batch by batch."""
+
+
 @torch.no_grad()
-def probe_kl(
-    model: nn.Module, float_model: nn.Module, batches: Iterable[object], images: int = PROBE_IMAGES
-) -> float:
-    """``KL(softmax(float) || softmax(mcn))`` in eval mode (temperature 1, mean over images) on
-    the first ``images`` images of ``batches``; the models' train/eval flags are restored."""
-    flags = {m: m.training for m in [*model.modules(), *float_model.modules()]}
-    param = next(model.parameters(), None)
+def probe_batches(
+    float_model: nn.Module, batches: Iterable[object], images: int = PROBE_IMAGES
+) -> Probe:
+    """The first ``images`` images of ``batches`` and ``float_model``'s eval-mode logits on
+    them, read once so that the probes before and after the distillation compare the same
+    images without running the float model again (its train/eval flags are restored)."""
+    flags = {m: m.training for m in float_model.modules()}
+    param = next(float_model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    model.eval()
     float_model.eval()
-    total, seen = 0.0, 0
+    probe: Probe = []
+    seen = 0
     try:
         for batch in batches:
             x = batch_input(batch)[: images - seen].to(device)
-            kl = kl_to_teacher(model(x), float_model(x), temperature=1.0)
-            total += float(kl) * x.shape[0]
+            probe.append((x, float_model(x)))
             seen += x.shape[0]
             if seen >= images:
                 break
     finally:
         for module, flag in flags.items():
             module.train(flag)
+    return probe
+
+
+@torch.no_grad()
+def kl_on_probe(model: nn.Module, probe: Probe) -> float:
+    """``KL(softmax(float) || softmax(mcn))`` in eval mode (temperature 1, mean over the
+    probe's images); ``model``'s train/eval flags are restored."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    total, seen = 0.0, 0
+    try:
+        for x, float_logits in probe:
+            x = x.to(float_logits.device)
+            total += float(kl_to_teacher(model(x), float_logits, temperature=1.0)) * x.shape[0]
+            seen += x.shape[0]
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)
     return total / max(seen, 1)
+
+
+def probe_kl(
+    model: nn.Module, float_model: nn.Module, batches: Iterable[object], images: int = PROBE_IMAGES
+) -> float:
+    """``KL(softmax(float) || softmax(mcn))`` in eval mode (temperature 1, mean over images) on
+    the first ``images`` images of ``batches``; the models' train/eval flags are restored."""
+    return kl_on_probe(model, probe_batches(float_model, batches, images))
 
 
 def calibrate(
@@ -103,8 +133,9 @@ def calibrate(
             The BatchNorm recalibration and the KL probes run in float32.
         bn_images: images each BatchNorm recalibration reads (None: one whole pass; the CLI
             gives `defaults.default_bn_images`, 256 above 64x64).
-        probe_images: images each KL probe reads (the first calibration batches; the CLI
-            gives `defaults.default_probe_images`, 128 above 64x64).
+        probe_images: images the KL probes read (the first calibration batches, read once
+            with the float model's logits and kept for the probe after the distillation; the
+            CLI gives `defaults.default_probe_images`, 128 above 64x64).
 
     Raises:
         ConfigError: ``steps`` < 0, an unknown ``amp``, no batches, or the distillation
@@ -132,7 +163,8 @@ def calibrate(
         images = recalibrate_batchnorm(model, data, progress=on_images, max_images=bn_images)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    before = probe_kl(model, float_model, data, probe_images)
+    probe = probe_batches(float_model, data, probe_images)
+    before = kl_on_probe(model, probe)
     precision = None
     if steps:
         distilled = distill_from_float(
@@ -148,7 +180,7 @@ def calibrate(
         )
         precision = distilled.precision
         images = max(images, distilled.images)  # distinct images read, by either step
-    kl = (before, probe_kl(model, float_model, data, probe_images) if steps else before)
+    kl = (before, kl_on_probe(model, probe) if steps else before)
     result = CalibrationResult(images, steps, kl, precision)
     summary = info_of(model).summary
     if summary is not None:
