@@ -27,7 +27,20 @@ _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _check_events(text: str, source: str) -> None:
-    """Walk the events of ``text``: depth, expanded size and recursive aliases."""
+    """Walk the events of ``text``: depth, expanded size and recursive aliases. libyaml 0.2.5+
+    refuses deep flow nesting itself while it scans ahead (PyYAML 6.0.4's wheels): that is
+    the same depth error."""
+    try:
+        _walk_events(text, source)
+    except yaml.YAMLError as exc:
+        if "nesting depth" in str(exc):
+            raise ConfigError(
+                f"{source}: the YAML nests deeper than {MAX_YAML_DEPTH} levels"
+            ) from exc
+        raise
+
+
+def _walk_events(text: str, source: str) -> None:
     total = depth = 0
     sizes: dict[str, int] = {}
     open_nodes: list[tuple[str | None, int]] = []  # (anchor, total when the node started)
