@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +20,17 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, module)
+
+
+@contextmanager
+def kept_train_flags(*models: nn.Module) -> Iterator[None]:
+    """Restore the train/eval flag of every submodule of ``models`` on leaving the block."""
+    flags = {m: m.training for model in models for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)
 
 
 def in_channels(model: nn.Module) -> int:

@@ -5,7 +5,8 @@ Two steps on the same batches: BatchNorm recalibration (`passes.calibrate`, no w
 then ``steps`` of label-free distillation from the float original (`passes.distill`). The model
 changes in place; what was done is returned and recorded in its `ConversionSummary`
 (``info_of(model).summary``), which checkpoints store and ``report`` shows, with the KL to the
-float model in eval mode before and after the distillation (`probe_kl`).
+float model in eval mode before and after the distillation (`kl_on_probe`, both on the
+same `probe_batches`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mcn_compress.amp import autocast_dtype
 from mcn_compress.defaults import CALIBRATION_LR, CALIBRATION_TEMPERATURE, PROBE_IMAGES
 from mcn_compress.errors import ConfigError
 from mcn_compress.info import info_of, update_info
+from mcn_compress.module_utils import kept_train_flags
 from mcn_compress.passes.calibrate import batch_input, recalibrate_batchnorm
 from mcn_compress.passes.distill import distill_from_float, kl_to_teacher
 
@@ -38,7 +40,7 @@ class CalibrationStep:
 @dataclasses.dataclass(frozen=True)
 class CalibrationResult:
     """What `calibrate` did: ``images`` distinct images, ``steps`` distillation steps,
-    ``kl``, the KL to the float model (`probe_kl`) right after the BatchNorm recalibration and
+    ``kl``, the KL to the float model (`kl_on_probe`) right after the BatchNorm recalibration and
     at the end, and the autocast dtype of the distillation (``"bfloat16"``/``"float32"``;
     None without steps)."""
 
@@ -59,22 +61,18 @@ def probe_batches(
     """The first ``images`` images of ``batches`` and ``float_model``'s eval-mode logits on
     them, read once so that the probes before and after the distillation compare the same
     images without running the float model again (its train/eval flags are restored)."""
-    flags = {m: m.training for m in float_model.modules()}
     param = next(float_model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    float_model.eval()
     probe: Probe = []
     seen = 0
-    try:
+    with kept_train_flags(float_model):
+        float_model.eval()
         for batch in batches:
             x = batch_input(batch)[: images - seen].to(device)
             probe.append((x, float_model(x)))
             seen += x.shape[0]
             if seen >= images:
                 break
-    finally:
-        for module, flag in flags.items():
-            module.train(flag)
     return probe
 
 
@@ -82,26 +80,13 @@ def probe_batches(
 def kl_on_probe(model: nn.Module, probe: Probe) -> float:
     """``KL(softmax(float) || softmax(mcn))`` in eval mode (temperature 1, mean over the
     probe's images); ``model``'s train/eval flags are restored."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     total, seen = 0.0, 0
-    try:
+    with kept_train_flags(model):
+        model.eval()
         for x, float_logits in probe:
-            x = x.to(float_logits.device)
             total += float(kl_to_teacher(model(x), float_logits, temperature=1.0)) * x.shape[0]
             seen += x.shape[0]
-    finally:
-        for module, flag in flags.items():
-            module.train(flag)
     return total / max(seen, 1)
-
-
-def probe_kl(
-    model: nn.Module, float_model: nn.Module, batches: Iterable[object], images: int = PROBE_IMAGES
-) -> float:
-    """``KL(softmax(float) || softmax(mcn))`` in eval mode (temperature 1, mean over images) on
-    the first ``images`` images of ``batches``; the models' train/eval flags are restored."""
-    return kl_on_probe(model, probe_batches(float_model, batches, images))
 
 
 def calibrate(

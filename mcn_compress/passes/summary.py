@@ -46,7 +46,7 @@ class ConversionSummary:
     ``calibration_images`` / ``calibration_steps``: the unlabeled images BatchNorm was
     recalibrated on and the label-free distillation steps on them (docs/design.md section
     2.10; 0 and 0 when `convert` had no calibration data). ``calibration_kl`` is the KL to
-    the float model in eval mode (`passes.calibration.probe_kl`) after the BatchNorm
+    the float model in eval mode (`passes.calibration.kl_on_probe`) after the BatchNorm
     recalibration and after the distillation; ``calibration_top1`` the top-1 (percent) on a
     labelled validation split right after calibration, when one was given.
     """
