@@ -58,7 +58,7 @@ def write_pngs(folder: Path, count: int, seed: int, root: str | None = None) -> 
     dropped) as grayscale PNG files in ``folder``; an existing complete folder is reused."""
     from PIL import Image
 
-    from mcn_compress.data import load_fashion_mnist
+    from mcn_compress.fashion_mnist import load_fashion_mnist
 
     folder.mkdir(parents=True, exist_ok=True)
     if len(list(folder.glob("*.png"))) == count:

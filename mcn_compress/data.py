@@ -26,16 +26,12 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from mcn_compress.errors import DataError
-from mcn_compress.fashion_mnist import (  # re-exported: they lived here before
-    DEBIAN_FASHION_MNIST as DEBIAN_FASHION_MNIST,
+from mcn_compress.fashion_mnist import (
+    ArrayImages,
+    NormalizedArrayImages,
+    find_fashion_mnist,
+    load_fashion_mnist,
 )
-from mcn_compress.fashion_mnist import FASHION_MNIST_CLASSES as FASHION_MNIST_CLASSES
-from mcn_compress.fashion_mnist import FASHION_MNIST_FILES as FASHION_MNIST_FILES
-from mcn_compress.fashion_mnist import ArrayImages as ArrayImages
-from mcn_compress.fashion_mnist import NormalizedArrayImages as NormalizedArrayImages
-from mcn_compress.fashion_mnist import find_fashion_mnist as find_fashion_mnist
-from mcn_compress.fashion_mnist import load_fashion_mnist as load_fashion_mnist
-from mcn_compress.idx import read_idx as read_idx
 from mcn_compress.images import ImageLoader, read_image
 from mcn_compress.module_utils import in_channels
 
@@ -405,17 +401,16 @@ def _fashion_mnist(
     mean, std = _normalization(model, in_chans)
     native = NATIVE_SIZE["fashion_mnist"]
     image_mode(in_chans)  # a DataError for channel counts images cannot have
-    train_tf = small_image_transform(native, size, in_chans, mean, std, train=data_cfg.augment)
-    val_tf = small_image_transform(native, size, in_chans, mean, std, train=False)
-    train = load_fashion_mnist(data_cfg.root, train=True, transform=train_tf)
-    val = load_fashion_mnist(data_cfg.root, train=False, transform=val_tf)
-    if size != native:
-        return train, val
 
-    def fast(split: ArrayImages) -> ArrayImages:
-        return NormalizedArrayImages(split.images, split.labels, split.classes, in_chans, mean, std)
+    def split(train: bool) -> ArrayImages:
+        augment = train and data_cfg.augment
+        if size == native and not augment:  # tensor ops, no PIL (the same values)
+            raw = load_fashion_mnist(data_cfg.root, train=train)
+            return NormalizedArrayImages(raw.images, raw.labels, raw.classes, in_chans, mean, std)
+        transform = small_image_transform(native, size, in_chans, mean, std, train=augment)
+        return load_fashion_mnist(data_cfg.root, train=train, transform=transform)
 
-    return (train if data_cfg.augment else fast(train)), fast(val)
+    return split(train=True), split(train=False)
 
 
 def _synthetic(

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from typer.testing import CliRunner
 
 from mcn_compress.cli import app
-from mcn_compress.data import DEBIAN_FASHION_MNIST
+from mcn_compress.fashion_mnist import DEBIAN_FASHION_MNIST
 
 K = 4
 SLACK = 16 * 1024

@@ -39,9 +39,10 @@ from hostile import (
 from PIL import Image
 
 from mcn_compress import limits
-from mcn_compress.data import load_fashion_mnist, read_idx
 from mcn_compress.errors import CheckpointError, ConfigError, DataError
+from mcn_compress.fashion_mnist import load_fashion_mnist
 from mcn_compress.formats.load import load
+from mcn_compress.idx import read_idx
 from mcn_compress.images import read_image
 from mcn_compress.limits import inflate, json_depth_exceeds, nesting_problem
 from mcn_compress.training.recipe import load_recipe
@@ -483,7 +484,7 @@ BOMBS = textwrap.dedent(
     import resource, sys, time
     resource.setrlimit(resource.RLIMIT_AS, (4_000_000 * 1024, 4_000_000 * 1024))
     from pathlib import Path
-    from mcn_compress.data import read_idx
+    from mcn_compress.idx import read_idx
     from mcn_compress.errors import MCNError
     from mcn_compress.formats.load import load
     from mcn_compress.images import read_image

@@ -281,8 +281,8 @@ def test_calibrate_table_and_image_folder_uses_all_images(tmp_path: Path) -> Non
 
 
 def test_calibrate_fashion_mnist_subset(tmp_path: Path) -> None:
-    from mcn_compress.data import find_fashion_mnist
     from mcn_compress.errors import DataError
+    from mcn_compress.fashion_mnist import find_fashion_mnist
 
     try:
         find_fashion_mnist()

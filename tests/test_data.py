@@ -14,14 +14,14 @@ import torch
 from torch import nn
 
 from mcn_compress.data import (
-    DEBIAN_FASHION_MNIST,
     SyntheticImages,
     build_datasets,
     dataset_classes,
     default_num_classes,
-    read_idx,
 )
 from mcn_compress.errors import DataError
+from mcn_compress.fashion_mnist import DEBIAN_FASHION_MNIST
+from mcn_compress.idx import read_idx
 from mcn_compress.training.recipe import DataRecipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

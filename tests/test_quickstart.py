@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from mcn_compress import load
 from mcn_compress.cli import app
-from mcn_compress.data import DEBIAN_FASHION_MNIST, build_datasets
+from mcn_compress.data import build_datasets
+from mcn_compress.fashion_mnist import DEBIAN_FASHION_MNIST
 from mcn_compress.models import load_float_model
 from mcn_compress.training.recipe import DataRecipe
 
