@@ -13,13 +13,13 @@ from mcn_compress.cli._common import JsonOpt, QuietOpt, cli_errors, errors_only,
 from mcn_compress.cli.finetune import training_progress
 from mcn_compress.defaults import CALIBRATION_IMAGES
 
+# The quickstart's budget: 4.2 to 4.9 minutes on the 2-core development CPU, MCN top-1 88.3 to
+# 88.7 (docs/quickstart.md); the fine-tuning epochs recover what fewer calibration steps leave.
 QUICKSTART_ARCH = "mcn_resnet_tiny"
 QUICKSTART_TRAIN_IMAGES = 60_000
 QUICKSTART_FLOAT_EPOCHS = 2
 QUICKSTART_MCN_EPOCHS = 3
 QUICKSTART_CALIBRATION_STEPS = 500
-"""The quickstart's budget: about 4.5 minutes on the 2-core development CPU, MCN top-1 about
-88.7 (docs/quickstart.md); the fine-tuning epochs recover what fewer calibration steps leave."""
 
 if TYPE_CHECKING:
     from mcn_compress.experiments.fashion_mnist import Budget
